@@ -1,0 +1,56 @@
+"""The one exception family of kloc_lens.
+
+Every error a user can trigger with bad input is a :class:`KlocLensError`; the subclass says which
+kind of input was wrong and the message names the offending value, so that
+
+>>> try:
+...     raise SpanError("'Paris' does not occur in prompt 'The capital of France is'")
+... except KlocLensError as err:
+...     print(type(err).__name__)
+SpanError
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CorruptionError",
+    "KlocLensError",
+    "MetricError",
+    "ModelError",
+    "ResultError",
+    "SiteError",
+    "SpanError",
+    "SweepError",
+]
+
+
+class KlocLensError(Exception):
+    """Base class of every error kloc_lens raises for bad input."""
+
+
+class ModelError(KlocLensError):
+    """The model cannot be used: missing tokenizer, train mode, missing hook names, ..."""
+
+
+class SiteError(KlocLensError):
+    """An unknown site, or a site that does not exist on this model or layer."""
+
+
+class SpanError(KlocLensError):
+    """A span (subject, relation, object, positions) that cannot be found in a prompt."""
+
+
+class CorruptionError(KlocLensError):
+    """A corruption scheme that cannot be applied to the given prompt."""
+
+
+class MetricError(KlocLensError):
+    """A metric that returns something other than one number per run."""
+
+
+class SweepError(KlocLensError):
+    """An inconsistent sweep request (shapes, layers, positions, heads, window)."""
+
+
+class ResultError(KlocLensError):
+    """A result file that cannot be read back."""

@@ -1,0 +1,412 @@
+"""Facts, their prompts from both perspectives, and token spans located from tokenizer offsets.
+
+A :class:`Fact` is a triplet (subject, relation, object) with templates for the two perspectives
+of the study:
+
+- entity perspective: ``"The mother tongue of {subject} is"`` -> object (``" French"``);
+- relation perspective: ``"The relation between {subject} and {object} is"`` -> relation.
+
+Formatting a template records the character range of every field it fills, so spans never come
+from searching the text (a subject that also occurs elsewhere in the prompt is still found where
+the template put it). :func:`tokenize` maps those character ranges to token positions with the
+tokenizer's offset mapping, so leading spaces, a BOS token and multi-token names are handled the
+way the tokenizer itself splits the text.
+
+Example:
+    >>> fact = Fact("Danielle Darrieux", "mother tongue", "French")
+    >>> prompt = fact.entity_prompt()
+    >>> prompt.text, prompt.target
+    ('The mother tongue of Danielle Darrieux is', 'French')
+    >>> prompt.text[slice(*prompt.char_spans["subject"])]
+    'Danielle Darrieux'
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from kloc_lens.errors import SpanError
+
+__all__ = [
+    "Fact",
+    "Perspective",
+    "Prompt",
+    "PromptBatch",
+    "TokenSpan",
+    "TokenizedPrompt",
+    "target_token_ids",
+    "tokenize",
+    "tokenize_batch",
+]
+
+SPAN_NAMES = ("subject", "relation", "object")
+
+
+class Perspective(str, Enum):
+    """From which side a fact is asked."""
+
+    ENTITY = "entity"
+    """Subject and relation are given; the answer is the object."""
+    RELATION = "relation"
+    """Subject and object are given; the answer is the relation."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt text, its expected continuation and the character ranges of its parts.
+
+    Attributes:
+        text: The prompt.
+        target: The expected answer, without leading space (``"French"``).
+        char_spans: ``name -> (start, end)`` character ranges of ``subject``, ``relation``,
+            ``object`` where the prompt contains them.
+        perspective: The perspective the prompt asks from, if it comes from a fact.
+    """
+
+    text: str
+    target: str = ""
+    char_spans: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    perspective: Perspective | None = None
+
+    @classmethod
+    def from_text(cls, text: str, target: str = "", **parts: str) -> Prompt:
+        """A prompt whose spans are found by searching ``text`` for each given part.
+
+        The first occurrence is used; build prompts from templates (:class:`Fact`) when a part
+        occurs more than once.
+
+        Raises:
+            SpanError: A part does not occur in ``text``.
+        """
+        spans: dict[str, tuple[int, int]] = {}
+        for name, part in parts.items():
+            start = text.find(part)
+            if not part or start < 0:
+                raise SpanError(f"{name} {part!r} does not occur in prompt {text!r}")
+            spans[name] = (start, start + len(part))
+        return cls(text, target, spans)
+
+
+def format_template(
+    template: str, values: Mapping[str, str]
+) -> tuple[str, dict[str, tuple[int, int]]]:
+    """Fill ``{name}`` fields of ``template`` and record where each field landed (first use)."""
+    pieces: list[str] = []
+    spans: dict[str, tuple[int, int]] = {}
+    length = 0
+    for literal, name, spec, conversion in string.Formatter().parse(template):
+        pieces.append(literal)
+        length += len(literal)
+        if name is None:
+            continue
+        if spec or conversion:
+            raise SpanError(f"template {template!r}: field {{{name}}} may not carry a format spec")
+        if name not in values:
+            raise SpanError(
+                f"template {template!r} has field {{{name}}}, expected only "
+                f"{', '.join('{' + key + '}' for key in values)}"
+            )
+        value = values[name]
+        spans.setdefault(name, (length, length + len(value)))
+        pieces.append(value)
+        length += len(value)
+    return "".join(pieces), spans
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A knowledge triplet with prompts for both perspectives.
+
+    Templates use ``{subject}``, ``{relation}`` and ``{object}`` fields. Entity templates must
+    contain ``{subject}``; relation templates ``{subject}`` and ``{object}``. If an entity
+    template spells the relation out literally instead of using ``{relation}``, the relation span
+    is found by searching the template's literal text for ``relation``.
+
+    Attributes:
+        subject: ``"Danielle Darrieux"``.
+        relation: Surface form of the relation, ``"mother tongue"``; the relation-perspective
+            answer.
+        object: ``"French"``; the entity-perspective answer.
+        entity_template: Template of the main entity prompt.
+        relation_template: Template of the main relation prompt.
+        entity_paraphrases: More entity templates (generalisation).
+        relation_paraphrases: More relation templates.
+        new_object: Target object of an edit, if any.
+        relation_id: Identifier of the relation (``"P103"``), if known.
+    """
+
+    subject: str
+    relation: str
+    object: str
+    entity_template: str = "The {relation} of {subject} is"
+    relation_template: str = "The relation between {subject} and {object} is"
+    entity_paraphrases: tuple[str, ...] = ()
+    relation_paraphrases: tuple[str, ...] = ()
+    new_object: str | None = None
+    relation_id: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("subject", "relation", "object"):
+            if not getattr(self, name).strip():
+                raise SpanError(f"Fact.{name} is empty")
+        for template in (self.entity_template, *self.entity_paraphrases):
+            if "{subject}" not in template:
+                raise SpanError(f"entity template {template!r} has no {{subject}} field")
+        for template in (self.relation_template, *self.relation_paraphrases):
+            if "{subject}" not in template or "{object}" not in template:
+                raise SpanError(
+                    f"relation template {template!r} needs both {{subject}} and {{object}}"
+                )
+
+    def _values(self, obj: str | None = None) -> dict[str, str]:
+        return {"subject": self.subject, "relation": self.relation, "object": obj or self.object}
+
+    def _prompt(
+        self, template: str, target: str, perspective: Perspective, obj: str | None
+    ) -> Prompt:
+        text, spans = format_template(template, self._values(obj))
+        if "relation" not in spans:
+            literal = template
+            for name, value in self._values(obj).items():
+                literal = literal.replace("{" + name + "}", "\0" * len(value))
+            start = literal.find(self.relation)
+            if start >= 0:
+                spans["relation"] = (start, start + len(self.relation))
+        return Prompt(text, target, spans, perspective)
+
+    def entity_prompt(self, template: str | None = None) -> Prompt:
+        """The entity-perspective prompt (answer: the object)."""
+        return self._prompt(template or self.entity_template, self.object, Perspective.ENTITY, None)
+
+    def relation_prompt(self, template: str | None = None, *, object: str | None = None) -> Prompt:
+        """The relation-perspective prompt (answer: the relation); ``object`` replaces the object
+        (the study's add prompt uses the new object)."""
+        return self._prompt(
+            template or self.relation_template, self.relation, Perspective.RELATION, object
+        )
+
+    def prompts(self, perspective: Perspective | str) -> list[Prompt]:
+        """The main prompt and every paraphrase of one perspective."""
+        if Perspective(perspective) is Perspective.ENTITY:
+            return [self.entity_prompt(t) for t in (self.entity_template, *self.entity_paraphrases)]
+        return [
+            self.relation_prompt(t) for t in (self.relation_template, *self.relation_paraphrases)
+        ]
+
+
+@dataclass(frozen=True)
+class TokenSpan:
+    """Token positions ``start .. end-1`` of a part of a tokenized prompt."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end:
+            raise SpanError(f"empty or negative token span [{self.start}, {self.end})")
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        """Every position of the span."""
+        return tuple(range(self.start, self.end))
+
+    @property
+    def last(self) -> int:
+        """The span's last position."""
+        return self.end - 1
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """A prompt as the model sees it.
+
+    Attributes:
+        prompt: The prompt.
+        tokens: Token ids, BOS included when the model prepends one.
+        str_tokens: The tokens as strings.
+        offsets: Character range of each token in ``prompt.text`` (``(0, 0)`` for BOS).
+        spans: Token spans of ``subject``/``relation``/``object`` where present, and ``last``.
+    """
+
+    prompt: Prompt
+    tokens: Int[Tensor, " pos"]
+    str_tokens: tuple[str, ...]
+    offsets: tuple[tuple[int, int], ...]
+    spans: Mapping[str, TokenSpan]
+
+    @property
+    def text(self) -> str:
+        """The prompt text."""
+        return self.prompt.text
+
+    def __len__(self) -> int:
+        return len(self.str_tokens)
+
+    def span(self, name: str) -> TokenSpan:
+        """The token span called ``name``.
+
+        Raises:
+            SpanError: The prompt has no such span; the message names the prompt.
+        """
+        try:
+            return self.spans[name]
+        except KeyError:
+            raise SpanError(
+                f"prompt {self.text!r} has no {name!r} span (has: {', '.join(self.spans)})"
+            ) from None
+
+    def positions(self, where: str | Sequence[int]) -> tuple[int, ...]:
+        """Resolve a span name or explicit positions (negative ones count from the end).
+
+        Raises:
+            SpanError: Unknown span, or a position outside the prompt.
+        """
+        if isinstance(where, str):
+            return self.span(where).positions
+        length = len(self)
+        resolved = []
+        for pos in where:
+            idx = int(pos) + length if int(pos) < 0 else int(pos)
+            if not 0 <= idx < length:
+                raise SpanError(f"position {pos} is outside prompt {self.text!r} ({length} tokens)")
+            resolved.append(idx)
+        if not resolved:
+            raise SpanError(f"no positions given for prompt {self.text!r}")
+        return tuple(sorted(set(resolved)))
+
+
+def _prepends_bos(model: Any) -> tuple[bool, int | None]:
+    tokenizer = model.tokenizer
+    prepend = bool(getattr(model.cfg, "default_prepend_bos", True))
+    bos = tokenizer.bos_token_id
+    return prepend and bos is not None, bos
+
+
+def _encode(model: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    encoded = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    offsets = [tuple(o) for o in encoded["offset_mapping"]]
+    prepend, bos = _prepends_bos(model)
+    if prepend:
+        ids = [int(bos), *ids]  # type: ignore[arg-type]
+        offsets = [(0, 0), *offsets]
+    return ids, offsets  # type: ignore[return-value]
+
+
+def _char_to_token_span(
+    offsets: Sequence[tuple[int, int]], start: int, end: int, text: str, name: str, bos: bool
+) -> TokenSpan:
+    hits = [i for i, (a, b) in enumerate(offsets) if a < end and b > start and not (bos and i == 0)]
+    if not hits:
+        raise SpanError(f"{name} {text[start:end]!r} covers no token of prompt {text!r}")
+    return TokenSpan(hits[0], hits[-1] + 1)
+
+
+def tokenize(model: Any, prompt: Prompt | str, **parts: str) -> TokenizedPrompt:
+    """Tokenize a prompt and locate its spans from the tokenizer's offsets.
+
+    Args:
+        model: A hooked model (its tokenizer and ``cfg.default_prepend_bos`` are used).
+        prompt: A :class:`Prompt`, or a plain string whose parts are given as keywords.
+        **parts: For a plain string: ``subject="..."`` and so on, located by text search.
+
+    Returns:
+        The tokenized prompt with spans ``subject``/``relation``/``object`` (where present) and
+        ``last``.
+
+    Raises:
+        SpanError: A part is not in the prompt or covers no token.
+    """
+    if isinstance(prompt, str):
+        prompt = Prompt.from_text(prompt, **parts)
+    elif parts:
+        raise SpanError("give parts as keywords only with a plain-string prompt")
+    ids, offsets = _encode(model, prompt.text)
+    if not ids:
+        raise SpanError(f"prompt {prompt.text!r} tokenizes to nothing")
+    prepend, _ = _prepends_bos(model)
+    spans = {
+        name: _char_to_token_span(offsets, start, end, prompt.text, name, prepend)
+        for name, (start, end) in prompt.char_spans.items()
+    }
+    spans["last"] = TokenSpan(len(ids) - 1, len(ids))
+    str_tokens = tuple(model.tokenizer.decode([i]) for i in ids)
+    return TokenizedPrompt(
+        prompt=prompt,
+        tokens=torch.tensor(ids, dtype=torch.long),
+        str_tokens=str_tokens,
+        offsets=tuple(offsets),
+        spans=spans,
+    )
+
+
+def target_token_ids(model: Any, prompt: Prompt | str, target: str | None = None) -> list[int]:
+    """Token ids of a target as a continuation of the prompt (``prompt + " " + target``).
+
+    The target is tokenized in context, so a tokenizer that merges the leading space into the
+    first token (GPT-2's ``" French"``) gives the same ids the model would produce.
+
+    Raises:
+        SpanError: The target is empty or tokenizes to nothing.
+    """
+    text = prompt.text if isinstance(prompt, Prompt) else prompt
+    if target is None:
+        if not isinstance(prompt, Prompt):
+            raise SpanError("no target given for a plain-string prompt")
+        target = prompt.target
+    stripped = target.strip()
+    if not stripped:
+        raise SpanError(f"target {target!r} for prompt {text!r} is empty")
+    full = f"{text} {stripped}"
+    encoded = model.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = [
+        int(i)
+        for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+        if b > len(text) and a >= len(text) - 0 and b > a
+    ]
+    if not ids:
+        raise SpanError(f"target {target!r} tokenizes to nothing after prompt {text!r}")
+    return ids
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Prompts of different lengths padded on the right into one batch.
+
+    Right padding keeps every real token at its own position, so with causal attention each
+    row's numbers equal those of the prompt run alone; read logits at ``last``.
+    """
+
+    prompts: tuple[TokenizedPrompt, ...]
+    tokens: Int[Tensor, "batch pos"]
+    last: Int[Tensor, " batch"]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def tokenize_batch(model: Any, prompts: Sequence[Prompt | str | TokenizedPrompt]) -> PromptBatch:
+    """Tokenize prompts and pad them on the right into one batch."""
+    if not prompts:
+        raise SpanError("no prompts to tokenize")
+    items = tuple(p if isinstance(p, TokenizedPrompt) else tokenize(model, p) for p in prompts)
+    width = max(len(p) for p in items)
+    pad = model.tokenizer.pad_token_id
+    if pad is None:
+        pad = model.tokenizer.eos_token_id or 0
+    tokens = torch.full((len(items), width), int(pad), dtype=torch.long)
+    for row, item in enumerate(items):
+        tokens[row, : len(item)] = item.tokens
+    last = torch.tensor([len(p) - 1 for p in items], dtype=torch.long)
+    return PromptBatch(items, tokens, last)

@@ -1,0 +1,129 @@
+"""Metrics: what a sweep measures on the logits of one patched run.
+
+A metric is any callable ``logits[batch, pos, d_vocab] -> 0-d tensor``: the
+``transformer_lens.patching`` convention, so the same function works in both libraries. The
+built-in metrics read each row at its own position (padded batches) and say which positions they
+read, so an executor may skip the others.
+
+Example:
+    >>> import torch
+    >>> metric = TargetProb(target=3, positions=-1)
+    >>> logits = torch.zeros(2, 4, 5)
+    >>> float(metric(logits))  # uniform over 5 tokens
+    0.2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from kloc_lens.errors import MetricError
+from kloc_lens.types import Logits, Scalar
+
+__all__ = ["LogitDiff", "Metric", "TargetProb", "check_metric_value", "metric_name"]
+
+Metric = Callable[[Logits], Scalar]
+"""Any callable from a batch's logits to one number (a 0-d tensor)."""
+
+
+def _as_index(value: int | Sequence[int] | Tensor, rows: int, what: str) -> Int[Tensor, " batch"]:
+    index = torch.as_tensor(value, dtype=torch.long).reshape(-1)
+    if index.numel() == 1:
+        return index.expand(rows)
+    if index.numel() != rows:
+        raise MetricError(f"{what} has {index.numel()} entries for a batch of {rows} rows")
+    return index
+
+
+def _gather(logits: Logits, positions: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, positions.to(logits.device)]
+
+
+@dataclass(frozen=True)
+class TargetProb:
+    """Mean probability of a target token at a position, over the rows of a batch.
+
+    ROME's causal-tracing score: ``p(object)`` at the last position, averaged over noise samples.
+
+    Attributes:
+        target: Target token id, one for all rows or one per row.
+        positions: Position read in each row (one for all rows or one per row; ``-1`` = last).
+    """
+
+    target: int | Sequence[int] | Tensor
+    positions: int | Sequence[int] | Tensor = -1
+
+    def __call__(self, logits: Logits) -> Scalar:
+        rows = logits.shape[0]
+        last = _gather(logits, _as_index(self.positions, rows, "positions"))
+        probs = torch.softmax(last.float(), dim=-1)
+        target = _as_index(self.target, rows, "target").to(logits.device)
+        return probs.gather(-1, target[:, None]).mean()
+
+    @property
+    def name(self) -> str:
+        """Label for results."""
+        return "p(target)"
+
+
+@dataclass(frozen=True)
+class LogitDiff:
+    """Mean logit difference ``answer - wrong`` at a position, over the rows of a batch.
+
+    Attributes:
+        answer: Correct token id (one, or one per row).
+        wrong: Contrasting token id (one, or one per row).
+        positions: Position read in each row (``-1`` = last).
+    """
+
+    answer: int | Sequence[int] | Tensor
+    wrong: int | Sequence[int] | Tensor
+    positions: int | Sequence[int] | Tensor = -1
+
+    def __call__(self, logits: Logits) -> Scalar:
+        rows = logits.shape[0]
+        last = _gather(logits, _as_index(self.positions, rows, "positions"))
+        answer = _as_index(self.answer, rows, "answer").to(logits.device)
+        wrong = _as_index(self.wrong, rows, "wrong").to(logits.device)
+        return (last.gather(-1, answer[:, None]) - last.gather(-1, wrong[:, None])).mean()
+
+    @property
+    def name(self) -> str:
+        """Label for results."""
+        return "logit diff"
+
+
+def metric_name(metric: Any) -> str:
+    """A label for a metric: its ``name`` attribute, else the function's name."""
+    name = getattr(metric, "name", None)
+    if isinstance(name, str):
+        return name
+    return getattr(metric, "__name__", type(metric).__name__)
+
+
+def check_metric_value(value: Any, metric: Any) -> Scalar:
+    """Turn a metric's return value into a 0-d float tensor, or refuse it.
+
+    Raises:
+        MetricError: The metric did not return exactly one number.
+    """
+    if isinstance(value, (int, float)):
+        return torch.tensor(float(value))
+    if not isinstance(value, Tensor):
+        raise MetricError(
+            f"metric {metric_name(metric)!r} returned {type(value).__name__}, expected a "
+            "0-d tensor (one number per run)"
+        )
+    if value.numel() != 1:
+        raise MetricError(
+            f"metric {metric_name(metric)!r} returned a tensor of shape {tuple(value.shape)}, "
+            "expected one number per run (reduce over the batch, e.g. with .mean())"
+        )
+    return value.detach().reshape(()).float()

@@ -1,0 +1,198 @@
+"""The hooked-model substrate: loading models and checking that they can be swept.
+
+kloc_lens works on any *hooked model*: an object with the HookedTransformer interface
+(``cfg``, ``tokenizer``, ``to_tokens``, ``run_with_hooks``, ``run_with_cache``, ``hook_dict`` and
+hook names such as ``blocks.3.hook_mlp_out``). In TransformerLens 4.x that is a
+``TransformerBridge`` after ``enable_compatibility_mode()``; in 3.x also a ``HookedTransformer``.
+Nothing in kloc_lens checks the class: it reads hook names and ``model.cfg``.
+
+Example:
+    >>> model = load_model("gpt2")          # doctest: +SKIP  (needs the hub)
+    >>> model = load_model("path/to/dir")   # doctest: +SKIP  (save_pretrained model + tokenizer)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from kloc_lens.errors import ModelError
+
+__all__ = [
+    "HookedModel",
+    "check_model",
+    "from_hf",
+    "load_model",
+    "model_identity",
+    "substrate",
+]
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "tiktoken.model",
+)
+
+
+@runtime_checkable
+class HookedModel(Protocol):
+    """What kloc_lens needs from a model: the HookedTransformer interface."""
+
+    cfg: Any
+    tokenizer: Any
+    training: bool
+
+    @property
+    def hook_dict(self) -> dict[str, Any]: ...
+
+    def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def run_with_cache(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def to_tokens(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def _bridge_class() -> Any:
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError as err:  # pragma: no cover - depends on the installed TransformerLens
+        raise ModelError(
+            "this TransformerLens has no TransformerBridge; install transformer_lens>=3.9"
+        ) from err
+    return TransformerBridge
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """Load a hub model or a local ``save_pretrained`` directory as a hooked model.
+
+    The model comes back as a TransformerLens ``TransformerBridge`` in compatibility mode
+    (HookedTransformer hook names and numerics), in eval mode.
+
+    Args:
+        name_or_path: A hub name such as ``"gpt2-xl"`` or a directory written by
+            ``save_pretrained`` that holds both the model and its tokenizer.
+        device: Where to put the model; ``None`` lets TransformerLens choose.
+        dtype: Parameter dtype; ``None`` means float32.
+
+    Returns:
+        The hooked model.
+
+    Raises:
+        ModelError: The directory does not exist as a directory, has no tokenizer files
+            (TransformerLens would silently load an empty tokenizer), or loading fails.
+    """
+    path = Path(name_or_path)
+    is_local = path.exists() or str(name_or_path).startswith((".", "/", "~"))
+    if is_local:
+        path = path.expanduser()
+        if not path.is_dir():
+            raise ModelError(f"model path {str(name_or_path)!r} is not a directory")
+        if not (path / "config.json").exists():
+            raise ModelError(f"model directory {str(path)!r} has no config.json")
+        if not any((path / name).exists() for name in _TOKENIZER_FILES):
+            raise ModelError(
+                f"model directory {str(path)!r} has no tokenizer files (looked for "
+                f"{', '.join(_TOKENIZER_FILES)}); save the tokenizer with save_pretrained too"
+            )
+    bridge_cls = _bridge_class()
+    kwargs: dict[str, Any] = {"device": device}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = bridge_cls.boot_transformers(str(path if is_local else name_or_path), **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"could not load model {str(name_or_path)!r}: {err}") from err
+    model.enable_compatibility_mode(disable_warnings=True)
+    model.eval()
+    _check_tokenizer(model, str(name_or_path))
+    return model
+
+
+def from_hf(hf_model: Any, tokenizer: Any, *, name: str = "local-model") -> Any:
+    """Wrap an in-memory HuggingFace causal LM and tokenizer as a hooked model.
+
+    The HuggingFace model is copied first: compatibility mode folds LayerNorm weights into the
+    wrapped module in place, and the caller's model must stay as it was.
+
+    Args:
+        hf_model: A ``transformers`` causal language model (eager attention recommended).
+        tokenizer: Its fast tokenizer.
+        name: A label recorded as the model's name.
+
+    Returns:
+        A ``TransformerBridge`` in compatibility mode and eval mode.
+    """
+    import copy
+
+    bridge_cls = _bridge_class()
+    own = copy.deepcopy(hf_model).eval()
+    tokenizer.init_kwargs.setdefault("name_or_path", name)
+    tokenizer.init_kwargs.setdefault("add_bos_token", True)
+    model = bridge_cls.boot_transformers(name, hf_model=own, tokenizer=tokenizer)
+    model.enable_compatibility_mode(disable_warnings=True)
+    model.eval()
+    _check_tokenizer(model, name)
+    return model
+
+
+def _check_tokenizer(model: Any, name: str) -> None:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None or len(tokenizer) == 0:
+        raise ModelError(f"model {name!r} has no usable tokenizer (empty vocabulary)")
+
+
+def substrate(model: Any) -> str:
+    """Name the substrate of a hooked model: ``"bridge"`` or ``"hooked_transformer"``."""
+    return "bridge" if hasattr(model, "enable_compatibility_mode") else "hooked_transformer"
+
+
+def model_identity(model: Any) -> str:
+    """A short string that identifies a model's architecture and name (for caches and reports)."""
+    cfg = model.cfg
+    name = getattr(cfg, "model_name", None) or type(model).__name__
+    return f"{name}|L{cfg.n_layers}|d{cfg.d_model}|h{cfg.n_heads}|v{cfg.d_vocab}|{substrate(model)}"
+
+
+def check_model(model: Any, hook_names: Iterable[str] = ()) -> None:
+    """Refuse a model that cannot be swept.
+
+    Args:
+        model: The hooked model.
+        hook_names: Hook names the caller is about to use.
+
+    Raises:
+        ModelError: The model lacks the hooked-model interface, is in train mode (dropout would
+            make every patch random), or lacks one of ``hook_names``.
+    """
+    for attr in ("cfg", "run_with_hooks", "hook_dict"):
+        if not hasattr(model, attr):
+            raise ModelError(
+                f"{type(model).__name__} is not a hooked model (no {attr!r}); use "
+                "kloc_lens.load_model or a TransformerLens model"
+            )
+    if getattr(model, "training", False):
+        raise ModelError(
+            f"{type(model).__name__} is in train mode (dropout makes patching random); "
+            "call model.eval() first"
+        )
+    available = model.hook_dict
+    missing = [name for name in hook_names if name not in available]
+    if missing:
+        raise ModelError(
+            f"model {type(model).__name__} has no hook point(s) {missing[:5]}"
+            + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        )

@@ -1,0 +1,328 @@
+"""Typed sweep results: tensors with the labels that explain them.
+
+Every sweep returns a frozen dataclass whose ``values`` tensor carries its shape in the type
+(``Float[Tensor, "layer pos"]`` and so on) and whose other fields say what the numbers are: the
+layers, positions, heads and token strings of each axis, the spans of the prompt, the site, the
+direction, the metric, the corruption, and the unpatched clean and corrupted scores. Results turn
+into tidy pandas DataFrames and save to / load from one ``.safetensors`` file without loss.
+
+Example:
+    >>> import torch
+    >>> r = LayerPosResult(values=torch.tensor([[0.5, 0.9]]), layers=(0,), positions=(0, 1),
+    ...     heads=(), str_tokens=("The", " cat"), spans={}, site="resid_pre",
+    ...     direction=Direction.RESTORE, metric="p(target)", corruption="noise",
+    ...     clean_score=1.0, corrupted_score=0.5)
+    >>> r.effect
+    tensor([[0.0000, 0.4000]])
+    >>> list(r.to_dataframe().columns)
+    ['layer', 'pos', 'token', 'value', 'effect']
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from kloc_lens.errors import ResultError
+from kloc_lens.types import Direction, LayerHead, LayerPos, LayerPosHead, TraceKind
+
+__all__ = [
+    "LayerHeadResult",
+    "LayerPosHeadResult",
+    "LayerPosResult",
+    "PatchResult",
+    "TraceResult",
+    "TraceSet",
+    "load_result",
+]
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """Fields shared by every sweep result (subclasses fix the shape of ``values``).
+
+    Attributes:
+        values: The metric after each patch.
+        layers: Layer index of each entry along the ``layer`` axis.
+        positions: Token position of each entry along the ``pos`` axis (empty if no such axis).
+        heads: Head index of each entry along the ``head`` axis (empty if no such axis).
+        str_tokens: Every token of the prompt as a string (empty for token-tensor inputs).
+        spans: ``name -> (start, end)`` token spans of the prompt (subject, relation, ...).
+        site: The site patched.
+        direction: Restore clean into corrupted, or inject corrupted into clean.
+        metric: Name of the metric.
+        corruption: What the corrupted run was.
+        clean_score: The metric on the clean run.
+        corrupted_score: The metric on the corrupted run.
+    """
+
+    values: Float[Tensor, "..."]
+    layers: tuple[int, ...]
+    positions: tuple[int, ...]
+    heads: tuple[int, ...]
+    str_tokens: tuple[str, ...]
+    spans: Mapping[str, tuple[int, int]]
+    site: str
+    direction: Direction
+    metric: str
+    corruption: str
+    clean_score: float
+    corrupted_score: float
+
+    dims: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def effect(self) -> Float[Tensor, "..."]:
+        """How far each patch moves the metric away from the run it was made in.
+
+        Restore: ``value - corrupted_score`` (ROME's indirect effect). Inject:
+        ``clean_score - value`` (the damage done).
+        """
+        if self.direction is Direction.RESTORE:
+            return self.values - self.corrupted_score
+        return self.clean_score - self.values
+
+    @property
+    def normalized(self) -> Float[Tensor, "..."]:
+        """``effect`` divided by ``clean_score - corrupted_score`` (1 = full recovery)."""
+        gap = self.clean_score - self.corrupted_score
+        if gap == 0:
+            raise ResultError("clean and corrupted scores are equal; nothing to normalise by")
+        return self.effect / gap
+
+    @property
+    def total_effect(self) -> float:
+        """``clean_score - corrupted_score``."""
+        return self.clean_score - self.corrupted_score
+
+    def _axis_labels(self) -> dict[str, tuple[int, ...]]:
+        return {"layer": self.layers, "pos": self.positions, "head": self.heads}
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        axes = [self._axis_labels()[d] for d in self.dims]
+        values = self.values.detach().cpu()
+        effect = self.effect.detach().cpu()
+        for index in torch.cartesian_prod(*[torch.arange(len(a)) for a in axes]).reshape(
+            -1, len(axes)
+        ):
+            key = tuple(int(i) for i in index)
+            row: dict[str, Any] = {d: axes[n][key[n]] for n, d in enumerate(self.dims)}
+            if "pos" in row:
+                row = {
+                    **row,
+                    "token": self.str_tokens[row["pos"]] if self.str_tokens else "",
+                }
+            row["value"] = float(values[key])
+            row["effect"] = float(effect[key])
+            yield row
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per entry: the axis labels, the token string, ``value`` and ``effect``."""
+        frame = pd.DataFrame(list(self._rows()))
+        for name, value in self._extra_columns().items():
+            frame[name] = value
+        return frame
+
+    def _extra_columns(self) -> dict[str, Any]:
+        return {}
+
+    def _meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "values":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, (Direction, TraceKind)):
+                value = value.value
+            elif isinstance(value, Mapping):
+                value = {k: list(v) for k, v in value.items()}
+            elif isinstance(value, tuple):
+                value = list(value)
+            meta[f.name] = value
+        return meta
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result to one ``.safetensors`` file (tensor + labels as metadata)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"class": type(self).__name__, "labels": json.dumps(self._meta())}
+        save_file({"values": self.values.detach().cpu().contiguous()}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def _from_parts(cls, values: Tensor, meta: dict[str, Any]) -> PatchResult:
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "values":
+                continue
+            if f.name not in meta:
+                raise ResultError(f"result file lacks field {f.name!r}")
+            value = meta[f.name]
+            if f.name == "direction":
+                value = Direction(value)
+            elif f.name in ("kind",):
+                value = TraceKind(value)
+            elif f.name == "severed":
+                value = None if value is None else TraceKind(value)
+            elif f.name == "spans":
+                value = {k: (int(v[0]), int(v[1])) for k, v in value.items()}
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[f.name] = value
+        return cls(values=values, **kwargs)
+
+
+@dataclass(frozen=True)
+class LayerPosResult(PatchResult):
+    """A sweep over layers and token positions."""
+
+    values: LayerPos
+    dims: ClassVar[tuple[str, ...]] = ("layer", "pos")
+
+
+@dataclass(frozen=True)
+class LayerHeadResult(PatchResult):
+    """A sweep over layers and heads, each head patched at every position."""
+
+    values: LayerHead
+    dims: ClassVar[tuple[str, ...]] = ("layer", "head")
+
+
+@dataclass(frozen=True)
+class LayerPosHeadResult(PatchResult):
+    """A sweep over layers, positions and heads."""
+
+    values: LayerPosHead
+    dims: ClassVar[tuple[str, ...]] = ("layer", "pos", "head")
+
+
+@dataclass(frozen=True)
+class TraceResult(LayerPosResult):
+    """A ROME-protocol causal trace of one kind: restored scores per (layer, position).
+
+    ``values[l, t]`` is the target's probability (or the chosen metric) when the clean state is
+    restored at layer ``l`` (for MLP/attention: the window of layers around ``l``) and position
+    ``t``; :attr:`indirect_effect` subtracts the corrupted score.
+
+    Attributes:
+        kind: Residual state, MLP window or attention window.
+        window: Window size (1 for residual traces).
+        severed: For severed traces, the component frozen to its corrupted outputs.
+        target: The target string.
+    """
+
+    kind: TraceKind
+    window: int
+    severed: TraceKind | None
+    target: str
+
+    @property
+    def indirect_effect(self) -> LayerPos:
+        """``restored - corrupted`` score (ROME's indirect effect)."""
+        return self.values - self.corrupted_score
+
+    @property
+    def label(self) -> str:
+        """``"resid"``, ``"mlp"``, ``"attn"`` or ``"resid (MLP severed)"``."""
+        if self.severed is None:
+            return self.kind.value
+        return f"{self.kind.value} ({self.severed.value} severed)"
+
+    def _extra_columns(self) -> dict[str, Any]:
+        return {"kind": self.label}
+
+
+_CLASSES: dict[str, type[PatchResult]] = {
+    cls.__name__: cls for cls in (LayerPosResult, LayerHeadResult, LayerPosHeadResult, TraceResult)
+}
+
+
+@dataclass(frozen=True)
+class TraceSet:
+    """Several causal traces of the same prompt and corruption (residual, MLP, attention and
+    severed variants), computed in one sweep."""
+
+    traces: tuple[TraceResult, ...]
+
+    def __iter__(self) -> Iterator[TraceResult]:
+        return iter(self.traces)
+
+    def __len__(self) -> int:
+        return len(self.traces)
+
+    def get(self, kind: TraceKind | str, severed: TraceKind | str | None = None) -> TraceResult:
+        """The trace of ``kind`` (and severed component).
+
+        Raises:
+            ResultError: The set holds no such trace.
+        """
+        want = (TraceKind(kind), None if severed is None else TraceKind(severed))
+        for trace in self.traces:
+            if (trace.kind, trace.severed) == want:
+                return trace
+        have = ", ".join(t.label for t in self.traces)
+        raise ResultError(f"no {want[0].value} trace (severed={want[1]}) in this set: {have}")
+
+    @property
+    def clean_score(self) -> float:
+        """The metric on the clean run."""
+        return self.traces[0].clean_score
+
+    @property
+    def corrupted_score(self) -> float:
+        """The metric on the corrupted run."""
+        return self.traces[0].corrupted_score
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """All traces stacked, with a ``kind`` column."""
+        return pd.concat([t.to_dataframe() for t in self.traces], ignore_index=True)
+
+    def save(self, path: str | Path) -> Path:
+        """Write every trace to one ``.safetensors`` file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"trace{i}": t.values.detach().cpu().contiguous() for i, t in enumerate(self)}
+        labels = [t._meta() for t in self.traces]
+        meta = {"class": "TraceSet", "labels": json.dumps(labels)}
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+
+def load_result(path: str | Path) -> PatchResult | TraceSet:
+    """Read a result written by ``save``.
+
+    Raises:
+        ResultError: The file is not a kloc_lens result.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise ResultError(f"no result file at {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types
+        raise ResultError(f"{str(path)!r} is not a safetensors result file: {err}") from err
+    name = meta.get("class")
+    if name is None or "labels" not in meta:
+        raise ResultError(f"{str(path)!r} carries no kloc_lens result metadata")
+    labels = json.loads(meta["labels"])
+    if name == "TraceSet":
+        traces = tuple(
+            TraceResult._from_parts(tensors[f"trace{i}"], labels[i]) for i in range(len(labels))
+        )
+        return TraceSet(traces)  # type: ignore[arg-type]
+    if name not in _CLASSES:
+        raise ResultError(f"{str(path)!r} holds an unknown result class {name!r}")
+    return _CLASSES[name]._from_parts(tensors["values"], labels)

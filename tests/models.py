@@ -1,0 +1,106 @@
+"""Tiny models for the tests: random GPT-2 architectures with a word-level tokenizer, built in
+memory (no hub)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+WORDS = [
+    "The",
+    "mother",
+    "tongue",
+    "of",
+    "Danielle",
+    "Darrieux",
+    "is",
+    "French",
+    "English",
+    "the",
+    "relation",
+    "between",
+    "and",
+    "Lyon",
+    "Beirut",
+    "Paris",
+    "Rome",
+    "twin",
+    "city",
+    "capital",
+    "Edwin",
+    "Hubble",
+    "works",
+    "in",
+    "field",
+    "astronomy",
+    "a",
+    "an",
+    "Germany",
+    "language",
+    "native",
+    "Toko",
+    "Rama",
+    "Vela",
+    "Suri",
+    "Nox",
+    "Pell",
+    "plays",
+    "instrument",
+    "piano",
+    "violin",
+    "Kato",
+    "Lind",
+    "Mira",
+    "Oren",
+    ".",
+    ",",
+    "'s",
+    "is",
+    "was",
+    "in",
+    "on",
+]
+
+
+@functools.cache
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<bos>": 0, "<unk>": 1}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<bos>",
+        pad_token="<bos>",
+        unk_token="<unk>",
+    )
+    fast.init_kwargs["name_or_path"] = "kloc-test"
+    fast.init_kwargs["add_bos_token"] = True
+    return fast
+
+
+def tiny_hf(n_layer: int = 3, n_head: int = 4, n_embd: int = 32, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(word_tokenizer()),
+        n_positions=64,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    config._attn_implementation = "eager"
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bridge(**kwargs: Any) -> Any:
+    from kloc_lens.model import from_hf
+
+    return from_hf(tiny_hf(**kwargs), word_tokenizer(), name="kloc-tiny")
