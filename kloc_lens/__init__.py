@@ -55,7 +55,14 @@ from kloc_lens.results import (
     TraceSet,
     load_result,
 )
-from kloc_lens.sites import Site, get_site, list_sites, register_site, unregister_site
+from kloc_lens.sites import (
+    Site,
+    add_hook_point,
+    get_site,
+    list_sites,
+    register_site,
+    unregister_site,
+)
 from kloc_lens.trace import Sweep, activation_patching, causal_trace
 from kloc_lens.types import Direction, TraceKind
 
@@ -96,6 +103,7 @@ __all__ = [
     "TraceSet",
     "ZeroAblation",
     "activation_patching",
+    "add_hook_point",
     "causal_trace",
     "check_model",
     "from_hf",

@@ -254,12 +254,13 @@ class Resample(Corruption):
         prompts: The replacement prompts.
     """
 
-    prompts: tuple[str, ...]
+    prompts: Sequence[str]
     span: str | Sequence[int] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str) or not self.prompts:
             raise CorruptionError("Resample.prompts must be a non-empty tuple of prompt strings")
+        object.__setattr__(self, "prompts", tuple(self.prompts))
 
     def apply(self, model: Any, prompt: TokenizedPrompt) -> CorruptedInput:
         rows = []

@@ -9,7 +9,7 @@ Example:
     >>> import torch
     >>> metric = TargetProb(target=3, positions=-1)
     >>> logits = torch.zeros(2, 4, 5)
-    >>> float(metric(logits))  # uniform over 5 tokens
+    >>> round(float(metric(logits)), 6)  # uniform over 5 tokens
     0.2
 """
 
@@ -121,9 +121,9 @@ def check_metric_value(value: Any, metric: Any) -> Scalar:
             f"metric {metric_name(metric)!r} returned {type(value).__name__}, expected a "
             "0-d tensor (one number per run)"
         )
-    if value.numel() != 1:
+    if value.dim() != 0:
         raise MetricError(
             f"metric {metric_name(metric)!r} returned a tensor of shape {tuple(value.shape)}, "
-            "expected one number per run (reduce over the batch, e.g. with .mean())"
+            "expected a 0-d tensor: one number per run (reduce over the batch, e.g. with .mean())"
         )
     return value.detach().reshape(()).float()

@@ -6,9 +6,10 @@ hook names such as ``blocks.3.hook_mlp_out``). In TransformerLens 4.x that is a
 ``TransformerBridge`` after ``enable_compatibility_mode()``; in 3.x also a ``HookedTransformer``.
 Nothing in kloc_lens checks the class: it reads hook names and ``model.cfg``.
 
-Example:
-    >>> model = load_model("gpt2")          # doctest: +SKIP  (needs the hub)
-    >>> model = load_model("path/to/dir")   # doctest: +SKIP  (save_pretrained model + tokenizer)
+Example (the first line needs the hub, the second a ``save_pretrained`` directory)::
+
+    model = load_model("gpt2-xl")
+    model = load_model("path/to/dir")
 """
 
 from __future__ import annotations

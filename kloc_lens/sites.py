@@ -23,6 +23,11 @@ name            hook                                   axes after batch
 ``embed``       ``hook_embed``                         pos, d_model
 ==============  =====================================  ==================
 
+A custom hook point is a TransformerLens ``HookPoint`` that some module of the model calls. You
+can add one by wrapping a module yourself (then re-index the model's hooks with
+:func:`refresh_hook_registry`), or let :func:`add_hook_point` put one on the output of an existing
+submodule of every layer; then :func:`register_site` names it for sweeps.
+
 Example:
     >>> site = register_site("resid_scaled", "blocks.{layer}.hook_resid_scaled", overwrite=True)
     >>> site.hook_name(2)
@@ -36,9 +41,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kloc_lens.errors import SiteError
+from kloc_lens.errors import ModelError, SiteError
 
-__all__ = ["Site", "get_site", "list_sites", "register_site", "unregister_site"]
+__all__ = [
+    "Site",
+    "add_hook_point",
+    "get_site",
+    "list_sites",
+    "refresh_hook_registry",
+    "register_site",
+    "unregister_site",
+]
 
 
 @dataclass(frozen=True)
@@ -189,3 +202,67 @@ def get_site(site: str | Site) -> Site:
 def list_sites() -> list[str]:
     """Names of all sites, built-in and registered."""
     return sorted(_REGISTRY)
+
+
+def refresh_hook_registry(model: Any) -> None:
+    """Re-index a model's hook points after adding a ``HookPoint`` module to it.
+
+    A TransformerLens 4 bridge rescans its modules; a ``HookedTransformer`` re-runs ``setup()``.
+    """
+    if hasattr(model, "_scan_existing_hooks"):
+        model._scan_existing_hooks(model, "")
+    elif hasattr(model, "setup"):
+        model.setup()
+    else:
+        raise ModelError(f"{type(model).__name__} has no hook registry to refresh")
+
+
+def add_hook_point(model: Any, module: str, attr: str = "hook_tap") -> str:
+    """Add a ``HookPoint`` that sees (and may replace) the output of a submodule.
+
+    The hook point becomes the attribute ``attr`` of the submodule, so its name is
+    ``f"{module}.{attr}"``; a ``{layer}`` field in ``module`` adds one per layer. The submodule's
+    output must be a tensor.
+
+    Args:
+        model: The hooked model (changed in place: the hook point stays for the model's life).
+        module: Dotted path of the submodule, e.g. ``"blocks.{layer}.mlp"``.
+        attr: Attribute name of the new hook point; must start with ``hook_``.
+
+    Returns:
+        The hook name template, e.g. ``"blocks.{layer}.mlp.hook_tap"``, ready for
+        :func:`register_site`.
+
+    Raises:
+        SiteError: No such submodule, or ``attr`` is taken or not a ``hook_`` name.
+
+    Example:
+        >>> from kloc_lens.planted import planted_model
+        >>> model, _ = planted_model()
+        >>> add_hook_point(model, "blocks.{layer}.mlp", "hook_tap")
+        'blocks.{layer}.mlp.hook_tap'
+        >>> "blocks.0.mlp.hook_tap" in model.hook_dict
+        True
+    """
+    from transformer_lens.hook_points import HookPoint
+
+    if not attr.startswith("hook_"):
+        raise SiteError(f"hook point attribute {attr!r} must start with 'hook_'")
+    layers = range(int(model.cfg.n_layers)) if "{layer}" in module else [None]
+    for layer in layers:
+        path = module.format(layer=layer) if layer is not None else module
+        try:
+            target = model.get_submodule(path)
+        except AttributeError:
+            raise SiteError(f"model has no submodule {path!r}") from None
+        if hasattr(target, attr):
+            raise SiteError(f"submodule {path!r} already has an attribute {attr!r}")
+        point = HookPoint()
+        target.add_module(attr, point)
+
+        def call_point(mod: Any, inputs: Any, output: Any, point: Any = point) -> Any:
+            return point(output)
+
+        target.register_forward_hook(call_point)
+    refresh_hook_registry(model)
+    return f"{module}.{attr}"

@@ -360,9 +360,9 @@ def causal_trace(
             raise SweepError(f"sever takes 'mlp' or 'attn', got {component.value!r}")
     resid = get_site(resid_site)
 
-    plans: list[tuple[TraceKind, TraceKind | None, int]] = [
-        (kind, None, window if kind is not TraceKind.RESID else 1) for kind in kind_list
-    ] + [(TraceKind.RESID, component, 1) for component in sever_list]
+    plans: list[tuple[TraceKind, TraceKind | None, int]] = []
+    plans += [(kind, None, window if kind is not TraceKind.RESID else 1) for kind in kind_list]
+    plans += [(TraceKind.RESID, component, 1) for component in sever_list]
     configs: list[tuple[Patch, ...]] = []
     for kind, severed, size in plans:
         for layer in layer_ids:

@@ -104,3 +104,54 @@ def tiny_bridge(**kwargs: Any) -> Any:
     from kloc_lens.model import from_hf
 
     return from_hf(tiny_hf(**kwargs), word_tokenizer(), name="kloc-tiny")
+
+
+@functools.cache
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style: leading spaces merge into tokens)."""
+    from tokenizers import decoders, trainers
+
+    corpus = [
+        "The mother tongue of Danielle Darrieux is French.",
+        "The relation between Lyon and Beirut is twin city.",
+        "Paris is the capital of France. Rome is the capital of Italy.",
+        "Edwin Hubble works in the field of astronomy.",
+    ] * 20
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.init_kwargs["name_or_path"] = "kloc-bpe"
+    fast.init_kwargs["add_bos_token"] = True
+    return fast
+
+
+def save_tiny_checkpoint(directory: Any, *, tokenizer: bool = True, seed: int = 0) -> None:
+    """Write a random GPT-2 with the BPE tokenizer as a ``save_pretrained`` directory."""
+    tok = bpe_tokenizer()
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config._attn_implementation = "eager"
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(directory)
+    if tokenizer:
+        tok.save_pretrained(directory)
