@@ -27,6 +27,7 @@ __all__ = [
     "HookedModel",
     "check_model",
     "from_hf",
+    "load_hooked_transformer",
     "load_model",
     "model_identity",
     "substrate",
@@ -100,15 +101,7 @@ def load_model(
     is_local = path.exists() or str(name_or_path).startswith((".", "/", "~"))
     if is_local:
         path = path.expanduser()
-        if not path.is_dir():
-            raise ModelError(f"model path {str(name_or_path)!r} is not a directory")
-        if not (path / "config.json").exists():
-            raise ModelError(f"model directory {str(path)!r} has no config.json")
-        if not any((path / name).exists() for name in _TOKENIZER_FILES):
-            raise ModelError(
-                f"model directory {str(path)!r} has no tokenizer files (looked for "
-                f"{', '.join(_TOKENIZER_FILES)}); save the tokenizer with save_pretrained too"
-            )
+        _check_local_dir(path, str(name_or_path))
     bridge_cls = _bridge_class()
     kwargs: dict[str, Any] = {"device": device}
     if dtype is not None:
@@ -121,6 +114,105 @@ def load_model(
     model.eval()
     _check_tokenizer(model, str(name_or_path))
     return model
+
+
+def load_hooked_transformer(
+    path: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """Load a local ``save_pretrained`` directory as a TransformerLens 3.x ``HookedTransformer``.
+
+    ``HookedTransformer.from_pretrained`` only accepts official hub names and asks the hub for
+    the config. This builds the TransformerLens config from the local HuggingFace config, converts
+    the local weights, and applies the usual processing (LayerNorm folding, centring), without
+    any network access. Logits equal a bridge's in compatibility mode (within 1e-5).
+
+    Args:
+        path: Directory with the model and its tokenizer.
+        device: Where to put the model.
+        dtype: Parameter dtype (default float32).
+
+    Returns:
+        A ``HookedTransformer`` in eval mode.
+
+    Raises:
+        ModelError: TransformerLens 4.x (no ``HookedTransformer``), or an unusable directory.
+    """
+    import importlib
+    import json
+    import shutil
+    import tempfile
+
+    try:
+        # Looked up by name: the class exists in 3.x only (4.x raises ImportError on access).
+        package: Any = importlib.import_module("transformer_lens")
+        hooked_transformer: Any = package.HookedTransformer
+        loading: Any = importlib.import_module("transformer_lens.loading_from_pretrained")
+    except (ImportError, AttributeError) as err:
+        raise ModelError(
+            "HookedTransformer exists only in TransformerLens 3.x; use load_model on 4.x"
+        ) from err
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(path).expanduser().resolve()
+    _check_local_dir(source, str(path))
+    dtype = dtype or torch.float32
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        str(source), dtype=dtype, local_files_only=True
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    # TransformerLens 3.x reads the config again by name: it recognises some architectures by
+    # substrings of the name ("llama", ...) and reads GPT-2's n_ctx, which transformers 5 no
+    # longer writes. A neutral directory name with a completed config avoids both.
+    scratch = Path(tempfile.mkdtemp(prefix="kloc-tl3-"))
+    staged = scratch / "model"
+    staged.mkdir()
+    try:
+        for entry in source.iterdir():
+            if entry.name != "config.json":
+                (staged / entry.name).symlink_to(entry)
+        config = json.loads((source / "config.json").read_text())
+        if config.get("model_type") == "gpt2":
+            config.setdefault("n_ctx", config.get("n_positions", 1024))
+        (staged / "config.json").write_text(json.dumps(config))
+        cfg = loading.get_pretrained_model_config(
+            str(staged),
+            hf_cfg=hf_model.config.to_dict(),
+            fold_ln=True,
+            device=device,
+            dtype=dtype,
+        )
+        cfg.model_name = source.name
+        cfg.tokenizer_name = str(source)
+        state_dict = loading.get_pretrained_state_dict(str(staged), cfg, hf_model, dtype=dtype)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    model = hooked_transformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=True,
+        center_writing_weights=True,
+        center_unembed=True,
+        fold_value_biases=True,
+    )
+    model.move_model_modules_to_device()
+    model.eval()
+    _check_tokenizer(model, str(path))
+    return model
+
+
+def _check_local_dir(path: Path, name: str) -> None:
+    if not path.is_dir():
+        raise ModelError(f"model path {name!r} is not a directory")
+    if not (path / "config.json").exists():
+        raise ModelError(f"model directory {str(path)!r} has no config.json")
+    if not any((path / entry).exists() for entry in _TOKENIZER_FILES):
+        raise ModelError(
+            f"model directory {str(path)!r} has no tokenizer files (looked for "
+            f"{', '.join(_TOKENIZER_FILES)}); save the tokenizer with save_pretrained too"
+        )
 
 
 def from_hf(hf_model: Any, tokenizer: Any, *, name: str = "local-model") -> Any:
@@ -191,7 +283,7 @@ def check_model(model: Any, hook_names: Iterable[str] = ()) -> None:
             "call model.eval() first"
         )
     available = model.hook_dict
-    missing = [name for name in hook_names if name not in available]
+    missing = sorted({name for name in hook_names if name not in available})
     if missing:
         raise ModelError(
             f"model {type(model).__name__} has no hook point(s) {missing[:5]}"

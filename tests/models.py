@@ -4,6 +4,8 @@ memory (no hub)."""
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 from typing import Any
 
 import torch
@@ -100,10 +102,28 @@ def tiny_hf(n_layer: int = 3, n_head: int = 4, n_embd: int = 32, seed: int = 0) 
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_bridge(**kwargs: Any) -> Any:
+SUBSTRATE = os.environ.get("KLOC_SUBSTRATE", "bridge")
+"""Which hooked model the tests build: ``bridge`` (TransformerBridge in compatibility mode) or
+``hooked_transformer`` (a TransformerLens 3.x HookedTransformer)."""
+
+
+def as_substrate(hf_model: Any, tokenizer: Any, name: str) -> Any:
+    """Wrap an in-memory HF model as the hooked model the test run asks for."""
+    if SUBSTRATE == "hooked_transformer":
+        from kloc_lens.model import load_hooked_transformer
+
+        directory = tempfile.mkdtemp(prefix=f"{name}-")
+        hf_model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        return load_hooked_transformer(directory)
     from kloc_lens.model import from_hf
 
-    return from_hf(tiny_hf(**kwargs), word_tokenizer(), name="kloc-tiny")
+    return from_hf(hf_model, tokenizer, name=name)
+
+
+def tiny_model(**kwargs: Any) -> Any:
+    """A random GPT-2 (3 layers, d_model 32, 4 heads) with the word-level tokenizer."""
+    return as_substrate(tiny_hf(**kwargs), word_tokenizer(), "kloc-tiny")
 
 
 @functools.cache

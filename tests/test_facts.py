@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import save_tiny_checkpoint
+from models import SUBSTRATE, save_tiny_checkpoint
 
 import kloc_lens as kl
 from kloc_lens.facts import format_template
+from kloc_lens.model import load_hooked_transformer
 
 pytestmark = pytest.mark.substrate
 
@@ -16,6 +17,8 @@ pytestmark = pytest.mark.substrate
 def bpe(tmp_path_factory):
     directory = tmp_path_factory.mktemp("bpe")
     save_tiny_checkpoint(directory)
+    if SUBSTRATE == "hooked_transformer":
+        return load_hooked_transformer(directory)
     return kl.load_model(directory)
 
 

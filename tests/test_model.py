@@ -75,3 +75,29 @@ def test_train_mode_is_refused(tiny):
 def test_not_a_hooked_model():
     with pytest.raises(kl.ModelError, match="is not a hooked model"):
         kl.check_model(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.substrate
+def test_load_hooked_transformer_matches_huggingface(checkpoint):
+    from models import SUBSTRATE
+
+    from kloc_lens.model import load_hooked_transformer
+
+    if SUBSTRATE != "hooked_transformer":  # TransformerLens 4.x has no HookedTransformer
+        with pytest.raises(kl.ModelError, match="exists only in TransformerLens 3.x"):
+            load_hooked_transformer(checkpoint)
+        return
+    model = load_hooked_transformer(checkpoint)
+    assert substrate(model) == "hooked_transformer" and not model.training
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    tokens = model.to_tokens("The mother tongue of Danielle Darrieux is")
+    torch.testing.assert_close(
+        torch.log_softmax(model(tokens), -1),
+        torch.log_softmax(hf(tokens).logits, -1),
+        atol=1e-4,
+        rtol=0,
+    )
+    with pytest.raises(kl.ModelError, match="has no tokenizer files"):
+        empty = checkpoint.parent / "no_tok"
+        save_tiny_checkpoint(empty, tokenizer=False)
+        load_hooked_transformer(empty)

@@ -383,9 +383,9 @@ def test_token_labels_escape_markup() -> None:
 @pytest.fixture(scope="module")
 def real_traces() -> TraceSet:
     sys.path.insert(0, "tests")
-    from models import tiny_bridge
+    from models import tiny_model
 
-    model = tiny_bridge()
+    model = tiny_model()
     return kloc_lens.causal_trace(
         model,
         kloc_lens.Fact("Danielle Darrieux", "mother tongue", "French"),

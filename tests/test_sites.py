@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import tiny_bridge
+from models import tiny_model
 
 import kloc_lens as kl
 from kloc_lens.plot import trace_heatmap
@@ -56,7 +56,7 @@ def test_register_and_unregister():
 
 
 def test_custom_hook_point_is_a_first_class_site():
-    model = tiny_bridge(seed=1)
+    model = tiny_model(seed=1)
     template = kl.add_hook_point(model, "blocks.{layer}.mlp", "hook_tap")
     assert template == "blocks.{layer}.mlp.hook_tap"
     assert all(f"blocks.{layer}.mlp.hook_tap" in model.hook_dict for layer in range(3))
