@@ -141,6 +141,8 @@ class Fact:
         relation_paraphrases: More relation templates.
         new_object: Target object of an edit, if any.
         relation_id: Identifier of the relation (``"P103"``), if known.
+        neighborhood_prompts: Entity prompts about *other* subjects whose answer is this fact's
+            object (specificity checks of edits).
     """
 
     subject: str
@@ -152,6 +154,7 @@ class Fact:
     relation_paraphrases: tuple[str, ...] = ()
     new_object: str | None = None
     relation_id: str | None = None
+    neighborhood_prompts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("subject", "relation", "object"):

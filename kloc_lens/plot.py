@@ -53,6 +53,8 @@ from torch import Tensor
 
 from kloc_lens.errors import ResultError
 from kloc_lens.results import (
+    AggregateSet,
+    AggregateTrace,
     LayerHeadResult,
     LayerPosHeadResult,
     LayerPosResult,
@@ -64,6 +66,8 @@ from kloc_lens.types import TraceKind
 
 __all__ = [
     "Value",
+    "aggregate_curves",
+    "aggregate_grid",
     "effect_curves",
     "head_heatmap",
     "pos_head_heatmap",
@@ -423,6 +427,125 @@ def pos_head_heatmap(
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def aggregate_grid(aggregates: AggregateSet, *, title: str | None = None) -> go.Figure:
+    """Dataset-averaged indirect effects: one bins x layers heatmap per trace kind.
+
+    Args:
+        aggregates: What :func:`kloc_lens.aggregate.aggregate_traces` returns.
+        title: Figure title; default: the span, the number of facts and the mean scores.
+
+    Returns:
+        A figure with one heatmap per aggregate whose ``z`` is its ``mean`` (bins x layers),
+        ``x`` the layers and ``y`` the bin names with their fact counts.
+
+    Raises:
+        ResultError: The set is empty.
+    """
+    items = tuple(aggregates)
+    if not items:
+        raise ResultError("no aggregates to plot")
+    first = items[0]
+    fig = make_subplots(
+        rows=1,
+        cols=len(items),
+        shared_yaxes=True,
+        horizontal_spacing=min(0.1, 0.4 / len(items)),
+        subplot_titles=[_aggregate_label(a) for a in items],
+    )
+    for col, agg in enumerate(items, start=1):
+        axis = "" if col == 1 else str(col)
+        domain = fig.layout[f"xaxis{axis}"].domain  # type: ignore[index]
+        fig.add_trace(
+            go.Heatmap(
+                z=agg.mean.detach().cpu().float().numpy(),
+                x=list(agg.layers),
+                y=_bin_labels(agg),
+                customdata=agg.stderr.detach().cpu().float().numpy(),
+                colorscale=_KIND_SCALE[agg.kind],
+                colorbar={"x": float(domain[1]) + 0.005, "thickness": 10, "xpad": 0},
+                name=_aggregate_label(agg),
+                hovertemplate="layer %{x}<br>%{y}<br>AIE %{z:.4g} ± %{customdata:.2g}"
+                "<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
+        fig.update_xaxes(title_text="layer", row=1, col=col)
+    fig.update_yaxes(type="category", autorange="reversed")
+    fig.update_layout(
+        title={"text": title if title is not None else _aggregate_title(first)},
+        width=max(500, 320 * len(items)),
+    )
+    return fig
+
+
+def aggregate_curves(
+    aggregates: AggregateSet, *, bin: str | None = None, title: str | None = None
+) -> go.Figure:
+    """Per-layer average indirect effect of every kind at one bin, with standard-error bars.
+
+    Args:
+        aggregates: What :func:`kloc_lens.aggregate.aggregate_traces` returns.
+        bin: The bin (default: the last token of the corrupted span, e.g. "last subject token").
+        title: Figure title.
+
+    Returns:
+        One scatter per aggregate (severed ones dashed) whose ``y`` is ``aggregate.bin(bin)`` and
+        whose error bars are the matching ``stderr`` row.
+
+    Raises:
+        ResultError: The set is empty or has no such bin.
+    """
+    items = tuple(aggregates)
+    if not items:
+        raise ResultError("no aggregates to plot")
+    first = items[0]
+    name = bin if bin is not None else f"last {first.span} token"
+    fig = go.Figure()
+    for agg in items:
+        row = agg.bins.index(name) if name in agg.bins else -1
+        values = agg.bin(name)
+        component = agg.severed if agg.severed is not None else agg.kind
+        fig.add_trace(
+            go.Scatter(
+                x=list(agg.layers),
+                y=values.detach().cpu().float().numpy(),
+                error_y={"type": "data", "array": agg.stderr[row].detach().cpu().float().numpy()},
+                mode="lines+markers",
+                name=_aggregate_label(agg),
+                line={
+                    "color": _KIND_COLOR[component],
+                    "dash": "dash" if agg.severed is not None else "solid",
+                },
+            )
+        )
+    fig.update_layout(
+        title={
+            "text": title if title is not None else f"At the {name}<br>" + _aggregate_title(first)
+        },
+        xaxis={"title": {"text": "layer (window centre for mlp / attn)"}},
+        yaxis={"title": {"text": "average indirect effect"}},
+        legend={"title": {"text": "restored"}},
+    )
+    return fig
+
+
+def _aggregate_label(agg: AggregateTrace) -> str:
+    window = f", window {agg.window}" if agg.kind is not TraceKind.RESID else ""
+    return agg.label + window
+
+
+def _bin_labels(agg: AggregateTrace) -> list[str]:
+    return [f"{name} (n={count})" for name, count in zip(agg.bins, agg.counts, strict=True)]
+
+
+def _aggregate_title(agg: AggregateTrace) -> str:
+    return (
+        f"Average indirect effect over {agg.n_facts} facts, {agg.span} corrupted<br><sup>"
+        f"mean clean p {agg.clean_score:.3g}, mean corrupted p {agg.corrupted_score:.3g}</sup>"
+    )
 
 
 def _need_positions(result: PatchResult) -> None:

@@ -36,6 +36,8 @@ from kloc_lens.errors import ResultError
 from kloc_lens.types import Direction, LayerHead, LayerPos, LayerPosHead, TraceKind
 
 __all__ = [
+    "AggregateSet",
+    "AggregateTrace",
     "LayerHeadResult",
     "LayerPosHeadResult",
     "LayerPosResult",
@@ -297,7 +299,173 @@ class TraceSet:
         return path
 
 
-def load_result(path: str | Path) -> PatchResult | TraceSet:
+BinMeans = Float[Tensor, "bin layer"]
+"""Per-bin, per-layer means of a dataset aggregate."""
+
+
+@dataclass(frozen=True)
+class AggregateTrace:
+    """The average indirect effect of one trace kind over a dataset, per position bin and layer.
+
+    Attributes:
+        mean: Mean indirect effect per (bin, layer).
+        stderr: Standard error of that mean over facts (0 where fewer than two facts).
+        counts: Number of facts that contribute to each bin.
+        bins: Bin names.
+        layers: Layer indices.
+        kind: Residual, MLP or attention trace.
+        severed: The severed component, for severed traces.
+        window: Window size of the trace.
+        span: The corrupted span (``"subject"``, ``"relation"``).
+        n_facts: Number of facts aggregated.
+        clean_score: Mean clean score over facts.
+        corrupted_score: Mean corrupted score over facts.
+    """
+
+    mean: BinMeans
+    stderr: BinMeans
+    counts: tuple[int, ...]
+    bins: tuple[str, ...]
+    layers: tuple[int, ...]
+    kind: TraceKind
+    severed: TraceKind | None
+    window: int
+    span: str
+    n_facts: int
+    clean_score: float
+    corrupted_score: float
+
+    @property
+    def label(self) -> str:
+        """``"resid"``, ``"mlp"``, ``"attn"`` or ``"resid (mlp severed)"``."""
+        if self.severed is None:
+            return self.kind.value
+        return f"{self.kind.value} ({self.severed.value} severed)"
+
+    @property
+    def total_effect(self) -> float:
+        """Mean clean minus mean corrupted score."""
+        return self.clean_score - self.corrupted_score
+
+    def bin(self, name: str) -> Float[Tensor, " layer"]:
+        """The per-layer mean effect of one bin.
+
+        Raises:
+            ResultError: No bin of that name.
+        """
+        if name not in self.bins:
+            raise ResultError(f"no bin {name!r}; bins: {', '.join(self.bins)}")
+        return self.mean[self.bins.index(name)]
+
+    def peak(self, name: str | None = None) -> tuple[str, int, float]:
+        """``(bin, layer, effect)`` of the largest mean effect (within one bin if given)."""
+        values = self.mean if name is None else self.bin(name)[None]
+        flat = int(values.argmax())
+        row, col = divmod(flat, values.shape[1])
+        return (name or self.bins[row]), self.layers[col], float(values.max())
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per (bin, layer): mean, stderr, count, kind."""
+        rows = [
+            {
+                "kind": self.label,
+                "bin": b,
+                "layer": layer,
+                "mean": float(self.mean[i, j]),
+                "stderr": float(self.stderr[i, j]),
+                "count": self.counts[i],
+            }
+            for i, b in enumerate(self.bins)
+            for j, layer in enumerate(self.layers)
+        ]
+        return pd.DataFrame(rows)
+
+    def _labels(self) -> dict[str, Any]:
+        return {
+            "counts": list(self.counts),
+            "bins": list(self.bins),
+            "layers": list(self.layers),
+            "kind": self.kind.value,
+            "severed": None if self.severed is None else self.severed.value,
+            "window": self.window,
+            "span": self.span,
+            "n_facts": self.n_facts,
+            "clean_score": self.clean_score,
+            "corrupted_score": self.corrupted_score,
+        }
+
+    @classmethod
+    def _from_labels(cls, mean: Tensor, stderr: Tensor, labels: dict[str, Any]) -> AggregateTrace:
+        return cls(
+            mean=mean,
+            stderr=stderr,
+            counts=tuple(labels["counts"]),
+            bins=tuple(labels["bins"]),
+            layers=tuple(labels["layers"]),
+            kind=TraceKind(labels["kind"]),
+            severed=None if labels["severed"] is None else TraceKind(labels["severed"]),
+            window=int(labels["window"]),
+            span=labels["span"],
+            n_facts=int(labels["n_facts"]),
+            clean_score=float(labels["clean_score"]),
+            corrupted_score=float(labels["corrupted_score"]),
+        )
+
+
+@dataclass(frozen=True)
+class AggregateSet:
+    """Aggregated traces of every kind computed for a dataset."""
+
+    traces: tuple[AggregateTrace, ...]
+
+    def __iter__(self) -> Iterator[AggregateTrace]:
+        return iter(self.traces)
+
+    def __len__(self) -> int:
+        return len(self.traces)
+
+    def get(self, kind: TraceKind | str, severed: TraceKind | str | None = None) -> AggregateTrace:
+        """The aggregate of ``kind`` (and severed component).
+
+        Raises:
+            ResultError: No such aggregate.
+        """
+        want = (TraceKind(kind), None if severed is None else TraceKind(severed))
+        for trace in self.traces:
+            if (trace.kind, trace.severed) == want:
+                return trace
+        raise ResultError(
+            f"no {want[0].value} aggregate (severed={want[1]}); have "
+            + ", ".join(t.label for t in self.traces)
+        )
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """All aggregates stacked."""
+        return pd.concat([t.to_dataframe() for t in self.traces], ignore_index=True)
+
+    def save(self, path: str | Path) -> Path:
+        """Write to one ``.safetensors`` file (read back with :func:`kloc_lens.load_result`)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Tensor] = {}
+        for i, trace in enumerate(self.traces):
+            tensors[f"mean{i}"] = trace.mean.detach().cpu().contiguous()
+            tensors[f"stderr{i}"] = trace.stderr.detach().cpu().contiguous()
+        labels = json.dumps([t._labels() for t in self.traces])
+        save_file(tensors, str(path), metadata={"class": "AggregateSet", "labels": labels})
+        return path
+
+    @classmethod
+    def _from_parts(cls, tensors: dict[str, Tensor], labels: list[dict[str, Any]]) -> AggregateSet:
+        return cls(
+            tuple(
+                AggregateTrace._from_labels(tensors[f"mean{i}"], tensors[f"stderr{i}"], label)
+                for i, label in enumerate(labels)
+            )
+        )
+
+
+def load_result(path: str | Path) -> PatchResult | TraceSet | AggregateSet:
     """Read a result written by ``save``.
 
     Raises:
@@ -318,6 +486,8 @@ def load_result(path: str | Path) -> PatchResult | TraceSet:
     if name is None or "labels" not in meta:
         raise ResultError(f"{str(path)!r} carries no kloc_lens result metadata")
     labels = json.loads(meta["labels"])
+    if name == "AggregateSet":
+        return AggregateSet._from_parts(tensors, labels)
     if name == "TraceSet":
         traces = tuple(
             TraceResult._from_parts(tensors[f"trace{i}"], labels[i]) for i in range(len(labels))

@@ -1,0 +1,220 @@
+"""Dataset-level causal tracing: average indirect effects over facts, by position bins.
+
+ROME averages the indirect effect (restored minus corrupted probability) over many facts after
+grouping token positions into bins relative to the corrupted span. For subject corruption:
+
+==========================  ========================================================
+bin                         positions
+==========================  ========================================================
+first subject token         the span's first token
+middle subject tokens       the tokens strictly between its first and last
+last subject token          the span's last token
+first subsequent token      the token right after the span
+further tokens              the tokens after that, up to (not including) the last
+last token                  the prompt's last token
+==========================  ========================================================
+
+Relation corruption uses the same bins around the relation span ("first relation token", ...).
+Each fact contributes the mean over its positions in a bin (so a long subject does not weigh
+more than a short one); a bin a fact has no token in (a one-token subject has no middle) is left
+out for that fact, and the counts say how many facts each bin averages. The spread is the
+standard error of the mean over facts.
+
+Example:
+    >>> position_bins(span=(2, 5), n_tokens=9, name="subject")["middle subject tokens"]
+    (3,)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from kloc_lens.corrupt import Corruption, GaussianNoise
+from kloc_lens.errors import ResultError, SpanError
+from kloc_lens.facts import TokenizedPrompt
+from kloc_lens.results import AggregateSet, AggregateTrace, TraceResult, TraceSet
+from kloc_lens.trace import causal_trace
+from kloc_lens.types import TraceKind
+
+__all__ = [
+    "DatasetTrace",
+    "aggregate_traces",
+    "bin_names",
+    "position_bins",
+    "trace_dataset",
+]
+
+
+def bin_names(name: str = "subject") -> tuple[str, ...]:
+    """The six bin names around a span called ``name``."""
+    return (
+        f"first {name} token",
+        f"middle {name} tokens",
+        f"last {name} token",
+        "first subsequent token",
+        "further tokens",
+        "last token",
+    )
+
+
+def position_bins(
+    *, span: tuple[int, int], n_tokens: int, name: str = "subject"
+) -> dict[str, tuple[int, ...]]:
+    """Token positions of each bin for a span ``[start, end)`` of a prompt of ``n_tokens``.
+
+    Raises:
+        SpanError: The span is empty or outside the prompt.
+    """
+    start, end = span
+    if not 0 <= start < end <= n_tokens:
+        raise SpanError(f"{name} span {span} does not fit a prompt of {n_tokens} tokens")
+    last = n_tokens - 1
+    first_name, middle, last_name, subsequent, further, final = bin_names(name)
+    return {
+        first_name: (start,),
+        middle: tuple(range(start + 1, end - 1)),
+        last_name: (end - 1,),
+        subsequent: (end,) if end <= last else (),
+        further: tuple(range(end + 1, last)),
+        final: (last,),
+    }
+
+
+def _bin_effects(trace: TraceResult, span: str) -> dict[str, Tensor]:
+    if span not in trace.spans:
+        raise SpanError(f"trace of {''.join(trace.str_tokens)!r} has no {span!r} span")
+    bins = position_bins(span=trace.spans[span], n_tokens=len(trace.str_tokens), name=span)
+    effect = trace.indirect_effect
+    out = {}
+    for name, positions in bins.items():
+        columns = [trace.positions.index(p) for p in positions if p in trace.positions]
+        if columns:
+            out[name] = effect[:, columns].mean(1)
+    return out
+
+
+def aggregate_traces(traces: Sequence[TraceSet], span: str = "subject") -> AggregateSet:
+    """Average the traces of many facts into position bins around ``span``.
+
+    Args:
+        traces: One :class:`TraceSet` per fact, all with the same kinds and layers.
+        span: The corrupted span the bins are placed around.
+
+    Raises:
+        ResultError: No traces, or traces with different kinds or layers.
+        SpanError: A trace lacks the span.
+    """
+    if not traces:
+        raise ResultError("no traces to aggregate")
+    labels = [t.label for t in traces[0]]
+    names = bin_names(span)
+    out = []
+    for index, label in enumerate(labels):
+        first = traces[0].traces[index]
+        per_bin: dict[str, list[Tensor]] = {name: [] for name in names}
+        for trace_set in traces:
+            trace = trace_set.traces[index]
+            if trace.label != label or trace.layers != first.layers:
+                raise ResultError("traces to aggregate must share kinds and layers")
+            for name, value in _bin_effects(trace, span).items():
+                per_bin[name].append(value)
+        n_layers = len(first.layers)
+        mean = torch.zeros(len(names), n_layers)
+        stderr = torch.zeros(len(names), n_layers)
+        counts = []
+        for i, name in enumerate(names):
+            values = per_bin[name]
+            counts.append(len(values))
+            if values:
+                stacked = torch.stack(values).float()
+                mean[i] = stacked.mean(0)
+                if len(values) > 1:
+                    stderr[i] = stacked.std(0, unbiased=True) / len(values) ** 0.5
+        out.append(
+            AggregateTrace(
+                mean=mean,
+                stderr=stderr,
+                counts=tuple(counts),
+                bins=names,
+                layers=first.layers,
+                kind=first.kind,
+                severed=first.severed,
+                window=first.window,
+                span=span,
+                n_facts=len(traces),
+                clean_score=float(sum(t.clean_score for t in traces) / len(traces)),
+                corrupted_score=float(sum(t.corrupted_score for t in traces) / len(traces)),
+            )
+        )
+    return AggregateSet(tuple(out))
+
+
+@dataclass(frozen=True)
+class DatasetTrace:
+    """Causal traces of a dataset: every fact's traces and their aggregate."""
+
+    traces: tuple[TraceSet, ...]
+    aggregate: AggregateSet
+    corruption: str
+
+
+def trace_dataset(
+    model: Any,
+    prompts: Sequence[TokenizedPrompt],
+    *,
+    span: str = "subject",
+    corruption: Corruption | Callable[[Sequence[TokenizedPrompt]], Corruption] | None = None,
+    kinds: Sequence[TraceKind | str] = (TraceKind.RESID, TraceKind.MLP, TraceKind.ATTN),
+    sever: Sequence[TraceKind | str] = (TraceKind.MLP, TraceKind.ATTN),
+    window: int = 10,
+    samples: int = 10,
+    seed: int = 0,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> DatasetTrace:
+    """Trace every prompt with ``span`` corrupted and aggregate the indirect effects.
+
+    Args:
+        model: The hooked model.
+        prompts: Tokenized prompts with the span and a target (filter to known facts first).
+        span: The span to corrupt and bin around.
+        corruption: A scheme, or a function of the prompts that makes one; default: ROME's
+            Gaussian noise, 3 x the std of the span's token embeddings over these prompts.
+        kinds: Trace kinds.
+        sever: Components for severed residual traces.
+        window: MLP/attention window.
+        samples: Noise samples for the default corruption.
+        seed: Noise seed for the default corruption.
+        batch_size: Configurations per forward pass.
+        progress: Show a progress bar over facts.
+    """
+    if not prompts:
+        raise ResultError("no prompts to trace")
+    if corruption is None:
+        scheme: Corruption = GaussianNoise.from_prompts(
+            model, prompts, span=span, samples=samples, seed=seed
+        )
+    elif isinstance(corruption, Corruption):
+        scheme = corruption
+    else:
+        scheme = corruption(prompts)
+    traces = tuple(
+        causal_trace(
+            model,
+            prompt,
+            corruption=scheme,
+            kinds=kinds,
+            sever=sever,
+            window=window,
+            batch_size=batch_size,
+            progress=False,
+        )
+        for prompt in tqdm(prompts, desc=f"tracing ({span} corrupted)", disable=not progress)
+    )
+    return DatasetTrace(traces, aggregate_traces(traces, span), scheme.describe())

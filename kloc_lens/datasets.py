@@ -1,0 +1,328 @@
+"""Datasets of facts: CounterFact JSON, its relation-augmented form, hand-written real facts, and
+filtering to the facts a model knows.
+
+**CounterFact** (Meng et al. 2022) is a JSON list of records::
+
+    {"case_id": 0,
+     "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+                           "relation_id": "P103", "target_true": {"str": "French"},
+                           "target_new": {"str": "English"}},
+     "paraphrase_prompts": ["... Danielle Darrieux's mother tongue is", ...],
+     "neighborhood_prompts": ["The mother tongue of Léon Blum is", ...]}
+
+**Relation-augmented CounterFact** (the study's format) adds, inside ``requested_rewrite``, the
+relation's surface strings ``relation: {"strs": ["mother tongue", ...]}``, the add prompt
+``add_rel_prompt`` (``"The relation between {} and English is"``: subject slot ``{}``, new object
+written out), the remove prompt ``rm_rel_prompt`` (same with the true object) and relation
+paraphrases ``rel_prompts`` (subject slot ``{}``, true object written out; also accepted at the
+record's top level).
+
+Both loaders return :class:`~kloc_lens.facts.Fact` objects and refuse malformed records with a
+:class:`DatasetError` that names the record and the field.
+
+Example:
+    >>> facts = real_world_facts()
+    >>> facts[0].entity_prompt().text
+    'The mother tongue of Danielle Darrieux is'
+    >>> facts[0].new_object
+    'English'
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kloc_lens.errors import KlocLensError
+from kloc_lens.facts import Fact, Perspective, target_token_ids, tokenize_batch
+
+__all__ = [
+    "DatasetError",
+    "KnownFacts",
+    "filter_known",
+    "load_counterfact",
+    "load_relation_counterfact",
+    "real_world_facts",
+]
+
+
+class DatasetError(KlocLensError):
+    """A dataset file or record that cannot be read."""
+
+
+def _read_records(path: str | Path) -> list[Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"no dataset file at {str(path)!r}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{str(path)!r} is not valid JSON: {err}") from err
+    if not isinstance(data, list):
+        raise DatasetError(
+            f"{str(path)!r} must hold a JSON list of records, not {type(data).__name__}"
+        )
+    return data
+
+
+class _Record:
+    """Field access that names the record and the field in every error."""
+
+    def __init__(self, record: Any, index: int) -> None:
+        if not isinstance(record, dict):
+            raise DatasetError(f"record {index} is a {type(record).__name__}, not an object")
+        self.record = record
+        case = record.get("case_id")
+        self.label = f"record {index}" + (f" (case_id {case})" if case is not None else "")
+
+    def get(self, dotted: str, kind: type, *, required: bool = True) -> Any:
+        value: Any = self.record
+        for part in dotted.split("."):
+            if not isinstance(value, dict) or part not in value:
+                if required:
+                    raise DatasetError(f"{self.label}: field {dotted!r} is missing")
+                return None
+            value = value[part]
+        if not isinstance(value, kind):
+            raise DatasetError(
+                f"{self.label}: field {dotted!r} should be {kind.__name__}, "
+                f"got {type(value).__name__}"
+            )
+        if kind is str and not value.strip():
+            raise DatasetError(f"{self.label}: field {dotted!r} is empty")
+        return value
+
+    def strings(self, dotted: str) -> list[str]:
+        values = self.get(dotted, list, required=False) or []
+        for i, value in enumerate(values):
+            if not isinstance(value, str):
+                raise DatasetError(f"{self.label}: {dotted}[{i}] should be str")
+        return values
+
+    def subject_template(self, text: str, subject: str, dotted: str) -> str:
+        """Template of a raw prompt: its ``{}`` slot, else the subject's last occurrence."""
+        if "{}" in text:
+            before, after = text.split("{}", 1)
+        else:
+            at = text.rfind(subject)
+            if at < 0:
+                raise DatasetError(
+                    f"{self.label}: {dotted} {text!r} has no '{{}}' slot and no subject {subject!r}"
+                )
+            before, after = text[:at], text[at + len(subject) :]
+        return _escape(before) + "{subject}" + _escape(after)
+
+    def object_template(self, template: str, obj: str, dotted: str) -> str:
+        """Replace the object's last occurrence in a template by ``{object}``."""
+        text = template
+        obj = _escape(obj)
+        at = text.rfind(obj)
+        if at < 0:
+            raise DatasetError(
+                f"{self.label}: {dotted} {text!r} does not contain the object {obj!r}"
+            )
+        return text[:at] + "{object}" + text[at + len(obj) :]
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def _entity_fields(rec: _Record, relations: dict[str, str] | None) -> dict[str, Any]:
+    subject = rec.get("requested_rewrite.subject", str)
+    prompt = rec.get("requested_rewrite.prompt", str)
+    if "{}" not in prompt:
+        raise DatasetError(
+            f"{rec.label}: field 'requested_rewrite.prompt' {prompt!r} has no '{{}}' subject slot"
+        )
+    relation_id = rec.get("requested_rewrite.relation_id", str, required=False)
+    paraphrases = [
+        rec.subject_template(p, subject, f"paraphrase_prompts[{i}]")
+        for i, p in enumerate(rec.strings("paraphrase_prompts"))
+    ]
+    return {
+        "subject": subject,
+        "object": rec.get("requested_rewrite.target_true.str", str).strip(),
+        "new_object": rec.get("requested_rewrite.target_new.str", str).strip(),
+        "relation_id": relation_id,
+        "relation": (relations or {}).get(relation_id or "", relation_id or "relation"),
+        "entity_template": rec.subject_template(prompt, subject, "requested_rewrite.prompt"),
+        "entity_paraphrases": tuple(paraphrases),
+        "neighborhood_prompts": tuple(rec.strings("neighborhood_prompts")),
+    }
+
+
+def load_counterfact(
+    path: str | Path, *, relations: dict[str, str] | None = None, limit: int | None = None
+) -> list[Fact]:
+    """Load a CounterFact JSON file.
+
+    Args:
+        path: The JSON file.
+        relations: Surface form of each relation id (``{"P103": "mother tongue"}``); CounterFact
+            itself has none, so without it a fact's relation is its id.
+        limit: Read at most this many records.
+
+    Raises:
+        DatasetError: The file or a record is malformed (the message names record and field).
+    """
+    facts = []
+    for index, raw in enumerate(_read_records(path)[:limit]):
+        rec = _Record(raw, index)
+        facts.append(_make_fact(rec, _entity_fields(rec, relations)))
+    return facts
+
+
+def load_relation_counterfact(path: str | Path, *, limit: int | None = None) -> list[Fact]:
+    """Load the study's relation-augmented CounterFact JSON (see the module docstring).
+
+    The relation is ``requested_rewrite.relation.strs[0]``; the relation template comes from
+    ``rm_rel_prompt`` (true object), its paraphrases from ``rel_prompts``.
+
+    Raises:
+        DatasetError: The file or a record is malformed (the message names record and field).
+    """
+    facts = []
+    for index, raw in enumerate(_read_records(path)[:limit]):
+        rec = _Record(raw, index)
+        fields = _entity_fields(rec, None)
+        strs = rec.strings("requested_rewrite.relation.strs")
+        if not strs or not strs[0].strip():
+            raise DatasetError(
+                f"{rec.label}: field 'requested_rewrite.relation.strs' is missing or empty"
+            )
+        fields["relation"] = strs[0].strip()
+        subject, obj, new = fields["subject"], fields["object"], fields["new_object"]
+        remove = rec.get("requested_rewrite.rm_rel_prompt", str)
+        add = rec.get("requested_rewrite.add_rel_prompt", str)
+        template = rec.object_template(
+            rec.subject_template(remove, subject, "requested_rewrite.rm_rel_prompt"),
+            obj,
+            "requested_rewrite.rm_rel_prompt",
+        )
+        add_template = rec.object_template(
+            rec.subject_template(add, subject, "requested_rewrite.add_rel_prompt"),
+            new,
+            "requested_rewrite.add_rel_prompt",
+        )
+        if add_template != template:
+            raise DatasetError(
+                f"{rec.label}: add_rel_prompt {add!r} and rm_rel_prompt {remove!r} differ in more "
+                "than the object"
+            )
+        paraphrase_field = "requested_rewrite.rel_prompts"
+        paraphrases = rec.strings(paraphrase_field) or rec.strings("rel_prompts")
+        if not rec.strings(paraphrase_field):
+            paraphrase_field = "rel_prompts"
+        fields["relation_template"] = template
+        fields["relation_paraphrases"] = tuple(
+            rec.object_template(
+                rec.subject_template(p, subject, f"{paraphrase_field}[{i}]"),
+                obj,
+                f"{paraphrase_field}[{i}]",
+            )
+            for i, p in enumerate(paraphrases)
+        )
+        facts.append(_make_fact(rec, fields))
+    return facts
+
+
+def _make_fact(rec: _Record, fields: dict[str, Any]) -> Fact:
+    try:
+        return Fact(**fields)
+    except KlocLensError as err:
+        raise DatasetError(f"{rec.label}: {err}") from err
+
+
+def real_world_facts() -> list[Fact]:
+    """A small hand-written set of real-world facts with both perspectives (for real models)."""
+    text = resources.files("kloc_lens").joinpath("data/real_facts.json").read_text("utf-8")
+    facts = []
+    for raw in json.loads(text)["facts"]:
+        facts.append(
+            Fact(
+                subject=raw["subject"],
+                relation=raw["relation"],
+                object=raw["object"],
+                entity_template=raw["entity_template"],
+                entity_paraphrases=tuple(raw["entity_paraphrases"]),
+                relation_paraphrases=tuple(raw["relation_paraphrases"]),
+                new_object=raw["new_object"],
+                relation_id=raw["relation_id"],
+                neighborhood_prompts=tuple(raw["neighborhood_prompts"]),
+            )
+        )
+    return facts
+
+
+@dataclass(frozen=True)
+class KnownFacts:
+    """The facts a model gets right, with the counts.
+
+    Attributes:
+        facts: The facts kept.
+        total: How many were checked.
+        perspective: Which prompt was checked.
+        correct: Whether each checked fact was answered right (same order as the input).
+    """
+
+    facts: tuple[Fact, ...]
+    total: int
+    perspective: Perspective
+    correct: tuple[bool, ...]
+
+    @property
+    def kept(self) -> int:
+        """How many facts were kept."""
+        return len(self.facts)
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction answered right."""
+        return self.kept / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.kept}/{self.total} facts answered right from the {self.perspective.value} "
+            f"perspective ({100 * self.accuracy:.1f}%)"
+        )
+
+
+def filter_known(
+    model: Any,
+    facts: Sequence[Fact],
+    perspective: Perspective | str = Perspective.ENTITY,
+    *,
+    batch_size: int = 64,
+) -> KnownFacts:
+    """Keep the facts whose answer is the model's top-1 next token (first token of the answer).
+
+    The study keeps only correctly predicted facts before tracing or editing.
+    """
+    perspective = Perspective(perspective)
+    correct: list[bool] = []
+    for start in range(0, len(facts), batch_size):
+        chunk = facts[start : start + batch_size]
+        prompts = [
+            f.entity_prompt() if perspective is Perspective.ENTITY else f.relation_prompt()
+            for f in chunk
+        ]
+        batch = tokenize_batch(model, prompts)
+        targets = torch.tensor([target_token_ids(model, p)[0] for p in prompts])
+        with torch.no_grad():
+            logits = model(batch.tokens.to(_device(model)))
+        rows = torch.arange(len(chunk))
+        predicted = logits[rows, batch.last.to(logits.device)].argmax(-1).cpu()
+        correct.extend(bool(x) for x in (predicted == targets))
+    kept = tuple(f for f, ok in zip(facts, correct, strict=True) if ok)
+    return KnownFacts(kept, len(facts), perspective, tuple(correct))
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
