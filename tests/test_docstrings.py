@@ -8,7 +8,9 @@ import importlib
 import pytest
 
 MODULES = [
+    "aggregate",
     "corrupt",
+    "datasets",
     "errors",
     "facts",
     "metrics",
@@ -19,6 +21,7 @@ MODULES = [
     "sites",
     "trace",
     "types",
+    "vis",
 ]
 
 
