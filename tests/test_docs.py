@@ -1,0 +1,44 @@
+"""The documentation: every code block runs, and the site builds with warnings as errors."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).parent.parent / "docs"
+PAGES = sorted(DOCS.rglob("*.md"))
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def test_there_are_pages_with_code():
+    assert sum(len(BLOCK.findall(p.read_text())) for p in PAGES) >= 15
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES])
+def test_code_blocks_run(page, monkeypatch):
+    # the blocks of a page share one module, as cells of a notebook would
+    module = types.ModuleType(f"docs_{page.stem.replace('-', '_')}")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    for number, block in enumerate(BLOCK.findall(page.read_text()), start=1):
+        exec(compile(block, f"{page.name} block {number}", "exec"), module.__dict__)
+
+
+def test_site_builds_strictly(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=DOCS.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"NO_MKDOCS_2_WARNING": "1", "PATH": str(Path(sys.executable).parent)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    for name in ("activation_patching", "causal_trace", "GaussianNoise", "register_site"):
+        assert name in api
