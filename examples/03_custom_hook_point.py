@@ -40,3 +40,12 @@ layer, pos = divmod(int(result.effect.argmax()), result.values.shape[1])
 print(f"peak of the custom site: layer {layer}, token {prompt.str_tokens[pos]!r}")
 assert (layer, pos) == (facts.mlp_layer, prompt.span("subject").last)
 figure = plot.trace_heatmap(result)
+figure
+
+# %% [markdown]
+# The planted head reads the tap's output at the subject's last token:
+
+# %%
+from kloc_lens import vis
+
+vis.attention_view(model, prompt, heads=[(facts.attn_layer, facts.head)])
