@@ -45,8 +45,10 @@ from kloc_lens.facts import Fact, Perspective, target_token_ids, tokenize_batch
 __all__ = [
     "DatasetError",
     "KnownFacts",
+    "facts_from_json",
     "filter_known",
     "load_counterfact",
+    "load_facts",
     "load_relation_counterfact",
     "real_world_facts",
 ]
@@ -240,25 +242,72 @@ def _make_fact(rec: _Record, fields: dict[str, Any]) -> Fact:
         raise DatasetError(f"{rec.label}: {err}") from err
 
 
+_FACT_FIELDS = {
+    "subject": str,
+    "relation": str,
+    "object": str,
+    "entity_template": str,
+    "relation_template": str,
+    "entity_paraphrases": list,
+    "relation_paraphrases": list,
+    "new_object": str,
+    "relation_id": str,
+    "neighborhood_prompts": list,
+}
+
+
+def facts_from_json(data: Any, *, source: str = "facts") -> list[Fact]:
+    """Facts from kloc_lens' own JSON layout: ``{"facts": [{"subject": ..., ...}, ...]}`` with
+    the fields of :class:`~kloc_lens.facts.Fact` (lists for the tuple fields).
+
+    Raises:
+        DatasetError: A record is malformed (the message names record and field).
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("facts"), list):
+        raise DatasetError(f"{source}: expected an object with a 'facts' list")
+    facts = []
+    for index, raw in enumerate(data["facts"]):
+        rec = _Record(raw, index)
+        fields: dict[str, Any] = {}
+        for name, kind in _FACT_FIELDS.items():
+            required = name in ("subject", "relation", "object")
+            value = rec.get(name, kind, required=required)
+            if value is not None:
+                fields[name] = tuple(rec.strings(name)) if kind is list else value
+        facts.append(_make_fact(rec, fields))
+    return facts
+
+
+def load_facts(path: str | Path, *, limit: int | None = None) -> list[Fact]:
+    """Load facts from any supported file, recognising its format.
+
+    kloc_lens JSON (``{"facts": [...]}``), relation-augmented CounterFact (records with
+    ``add_rel_prompt``) or plain CounterFact.
+
+    Raises:
+        DatasetError: The file is in none of these formats or a record is malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"no dataset file at {str(path)!r}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{str(path)!r} is not valid JSON: {err}") from err
+    if isinstance(data, dict):
+        return facts_from_json(data, source=str(path))[:limit]
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        rewrite = data[0].get("requested_rewrite", {})
+        if isinstance(rewrite, dict) and "add_rel_prompt" in rewrite:
+            return load_relation_counterfact(path, limit=limit)
+        return load_counterfact(path, limit=limit)
+    raise DatasetError(f"{str(path)!r} is neither kloc_lens facts JSON nor CounterFact")
+
+
 def real_world_facts() -> list[Fact]:
     """A small hand-written set of real-world facts with both perspectives (for real models)."""
     text = resources.files("kloc_lens").joinpath("data/real_facts.json").read_text("utf-8")
-    facts = []
-    for raw in json.loads(text)["facts"]:
-        facts.append(
-            Fact(
-                subject=raw["subject"],
-                relation=raw["relation"],
-                object=raw["object"],
-                entity_template=raw["entity_template"],
-                entity_paraphrases=tuple(raw["entity_paraphrases"]),
-                relation_paraphrases=tuple(raw["relation_paraphrases"]),
-                new_object=raw["new_object"],
-                relation_id=raw["relation_id"],
-                neighborhood_prompts=tuple(raw["neighborhood_prompts"]),
-            )
-        )
-    return facts
+    return facts_from_json(json.loads(text), source="real_facts.json")
 
 
 @dataclass(frozen=True)

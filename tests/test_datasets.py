@@ -164,3 +164,35 @@ def test_filter_known_keeps_what_the_model_answers(planted):
     assert (result.total, result.kept) == (len(known) + 1, len(known))
     assert result.correct[-1] is False
     assert f"{len(known)}/{len(known) + 1} facts" in str(result)
+
+
+def test_load_facts_recognises_formats(tmp_path):
+    from kloc_lens.datasets import load_facts
+
+    plain = load_facts(_write(tmp_path, [RECORD]))
+    assert plain[0].relation == "P103"
+    relation = load_facts(_write(tmp_path, [RELATION_RECORD]))
+    assert relation[0].relation == "mother tongue"
+    ours = tmp_path / "ours.json"
+    ours.write_text(
+        json.dumps(
+            {
+                "facts": [
+                    {
+                        "subject": "A B",
+                        "relation": "home",
+                        "object": "C",
+                        "entity_paraphrases": ["{subject} lives in"],
+                    }
+                ]
+            }
+        )
+    )
+    (fact,) = load_facts(ours)
+    assert fact.entity_paraphrases == ("{subject} lives in",)
+    ours.write_text(json.dumps({"facts": [{"subject": "A B", "object": "C"}]}))
+    with pytest.raises(DatasetError, match="record 0: field 'relation' is missing"):
+        load_facts(ours)
+    ours.write_text(json.dumps([1, 2]))
+    with pytest.raises(DatasetError, match="neither kloc_lens facts JSON nor CounterFact"):
+        load_facts(ours)
