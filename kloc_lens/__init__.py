@@ -11,7 +11,11 @@ The public API, by concept:
 - metrics: :class:`TargetProb`, :class:`LogitDiff`
 - results: :class:`LayerPosResult`, :class:`LayerHeadResult`, :class:`LayerPosHeadResult`,
   :class:`TraceResult`, :class:`TraceSet`, :func:`load_result`
-- figures: :mod:`kloc_lens.plot`
+- editing: :class:`RomeEditor`, :class:`MemitEditor`, :class:`EditRequest`,
+  :class:`RankOneEdit`, :func:`evaluate_editor` (more in :mod:`kloc_lens.edit`)
+- datasets and the study: :mod:`kloc_lens.datasets`, :mod:`kloc_lens.aggregate`,
+  :mod:`kloc_lens.study`, :mod:`kloc_lens.factworld`
+- figures and views: :mod:`kloc_lens.plot`, :mod:`kloc_lens.vis`
 """
 
 from kloc_lens.corrupt import (
@@ -23,8 +27,22 @@ from kloc_lens.corrupt import (
     TokenReplacement,
     ZeroAblation,
 )
+from kloc_lens.edit import (
+    CommittedEdit,
+    EditEvaluation,
+    EditRequest,
+    MemitEditor,
+    RankOneEdit,
+    RomeEditor,
+    SecondMoment,
+    TransferMatrix,
+    evaluate_edit,
+    evaluate_editor,
+    second_moment,
+)
 from kloc_lens.errors import (
     CorruptionError,
+    EditError,
     KlocLensError,
     MetricError,
     ModelError,
@@ -69,10 +87,14 @@ from kloc_lens.types import Direction, TraceKind
 __version__ = "0.1.0"
 
 __all__ = [
+    "CommittedEdit",
     "CorruptedInput",
     "Corruption",
     "CorruptionError",
     "Direction",
+    "EditError",
+    "EditEvaluation",
+    "EditRequest",
     "Fact",
     "GaussianNoise",
     "KlocLensError",
@@ -81,14 +103,18 @@ __all__ = [
     "LayerPosResult",
     "LogitDiff",
     "MeanAblation",
+    "MemitEditor",
     "MetricError",
     "ModelError",
     "PatchResult",
     "Perspective",
     "Prompt",
     "PromptBatch",
+    "RankOneEdit",
     "Resample",
     "ResultError",
+    "RomeEditor",
+    "SecondMoment",
     "Site",
     "SiteError",
     "SpanError",
@@ -101,17 +127,21 @@ __all__ = [
     "TraceKind",
     "TraceResult",
     "TraceSet",
+    "TransferMatrix",
     "ZeroAblation",
     "activation_patching",
     "add_hook_point",
     "causal_trace",
     "check_model",
+    "evaluate_edit",
+    "evaluate_editor",
     "from_hf",
     "get_site",
     "list_sites",
     "load_model",
     "load_result",
     "register_site",
+    "second_moment",
     "target_token_ids",
     "tokenize",
     "tokenize_batch",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __all__ = [
     "CorruptionError",
+    "EditError",
     "KlocLensError",
     "MetricError",
     "ModelError",
@@ -42,6 +43,11 @@ class SpanError(KlocLensError):
 
 class CorruptionError(KlocLensError):
     """A corruption scheme that cannot be applied to the given prompt."""
+
+
+class EditError(KlocLensError):
+    """An edit that cannot be computed or applied: a target that tokenizes to nothing,
+    statistics of the wrong shape or from another model, an edit for another model, ..."""
 
 
 class MetricError(KlocLensError):

@@ -1,0 +1,305 @@
+"""Applying edits: as reversible hooks, or committed to the weights with an exact undo.
+
+An edit is data: a list of low-rank updates ``ΔW = left @ right`` to output projections
+(:class:`LowRankUpdate`). Because the projection is linear, ``k @ (W + ΔW) = k @ W + (k @ left)
+@ right``: the same edit can be
+
+- **applied as hooks** (:func:`applied`, or ``edit.applied(model)``): a hook on the projection's
+  input records the key ``k`` and a hook on its output adds ``(k @ left) @ right``. Nothing in
+  the model changes, and the hooks are removed when the ``with`` block ends, also on an
+  exception;
+- **committed** (:func:`commit`, or ``edit.commit(model)``): ``W += ΔW`` in place on the live
+  weight tensor. The returned :class:`CommittedEdit` keeps exact copies of the original weights;
+  its ``restore()`` (or leaving it as a context manager) copies them back, bit for bit.
+
+Both forms give the same logits (within float rounding, ~1e-6). Restore committed edits in the
+reverse order of committing them (each handle puts back the weights as it found them).
+
+Example:
+    >>> import torch
+    >>> from kloc_lens.planted import planted_model
+    >>> model, planted = planted_model()
+    >>> update = LowRankUpdate(1, Projection.W_OUT, torch.ones(512, 1), torch.ones(1, 128))
+    >>> edit = LowRankEdit(model_identity(model), (update,))
+    >>> before = model.blocks[1].mlp.W_out.detach().clone()
+    >>> with edit.applied(model):
+    ...     hooked = model(planted.prompt(0))
+    >>> with edit.commit(model):
+    ...     committed = model(planted.prompt(0))
+    >>> bool((hooked - committed).abs().max() < 1e-4)
+    True
+    >>> torch.equal(model.blocks[1].mlp.W_out, before)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from kloc_lens.edit._errors import EditError
+from kloc_lens.edit.projection import Projection
+from kloc_lens.model import model_identity
+
+__all__ = [
+    "CommittedEdit",
+    "Edit",
+    "LowRankEdit",
+    "LowRankUpdate",
+    "WeightEdit",
+    "applied",
+    "commit",
+    "edit_hooks",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankUpdate:
+    """``ΔW = left @ right`` added to one projection's weight (as a ``[d_in, d_model]`` matrix).
+
+    Attributes:
+        layer: The layer.
+        projection: The projection.
+        left: ``[d_in, rank]``.
+        right: ``[rank, d_model]``.
+    """
+
+    layer: int
+    projection: Projection
+    left: Float[Tensor, "d_in rank"]
+    right: Float[Tensor, "rank d_model"]
+
+    @property
+    def rank(self) -> int:
+        """The number of columns of ``left`` (the rank of ``ΔW`` at most)."""
+        return int(self.left.shape[1])
+
+    def delta(self) -> Float[Tensor, "d_in d_model"]:
+        """The dense ``ΔW``."""
+        return self.left @ self.right
+
+
+@runtime_checkable
+class Edit(Protocol):
+    """Anything that can be applied or committed: a model identity and low-rank updates."""
+
+    @property
+    def model(self) -> str:
+        """:func:`~kloc_lens.model.model_identity` of the model the edit was computed on."""
+        ...
+
+    @property
+    def updates(self) -> tuple[LowRankUpdate, ...]:
+        """The updates, at one or several layers."""
+        ...
+
+
+class WeightEdit:
+    """Methods shared by every edit class (:class:`RankOneEdit`, :class:`MultiLayerEdit`, ...)."""
+
+    def applied(self, model: Any) -> contextlib.AbstractContextManager[None]:
+        """Apply this edit as hooks for the duration of a ``with`` block (see :func:`applied`)."""
+        return applied(model, self)  # type: ignore[arg-type]
+
+    def commit(self, model: Any) -> CommittedEdit:
+        """Write this edit into the weights (see :func:`commit`)."""
+        return commit(model, self)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankEdit(WeightEdit):
+    """The plainest edit: updates and the model they were computed for.
+
+    Attributes:
+        model: :func:`~kloc_lens.model.model_identity` of the model.
+        updates: The updates.
+    """
+
+    model: str
+    updates: tuple[LowRankUpdate, ...]
+
+
+_Key = tuple[int, Projection]
+
+
+def _grouped(model: Any, edits: Sequence[Edit]) -> dict[_Key, tuple[Tensor, Tensor]]:
+    """Check the edits against the model; concatenate the factors per (layer, projection)."""
+    if not edits:
+        raise EditError("no edits given")
+    identity = model_identity(model)
+    d_model = int(model.cfg.d_model)
+    n_layers = int(model.cfg.n_layers)
+    if bool(getattr(model.cfg, "use_normalization_before_and_after", False)):
+        raise EditError(
+            "this model normalises block outputs after the MLP/attention (post-norm): an edit "
+            "applied as a hook would not equal the weight edit"
+        )
+    parts: dict[_Key, tuple[list[Tensor], list[Tensor]]] = {}
+    for edit in edits:
+        if not isinstance(edit, Edit):
+            raise EditError(f"{type(edit).__name__} is not an edit (it needs model and updates)")
+        if edit.model != identity:
+            raise EditError(f"the edit was computed on model {edit.model!r}, not {identity!r}")
+        for update in edit.updates:
+            projection = Projection(update.projection)
+            if not 0 <= update.layer < n_layers:
+                raise EditError(f"edit at layer {update.layer}; the model has 0..{n_layers - 1}")
+            size = projection.key_size(model)
+            if update.left.shape[0] != size or update.right.shape[1] != d_model:
+                raise EditError(
+                    f"update of {projection.value} at layer {update.layer} is "
+                    f"[{update.left.shape[0]}, {update.right.shape[1]}]; the model's is "
+                    f"[{size}, {d_model}]"
+                )
+            lefts, rights = parts.setdefault((update.layer, projection), ([], []))
+            lefts.append(update.left)
+            rights.append(update.right)
+    return {key: (torch.cat(ls, dim=1), torch.cat(rs, dim=0)) for key, (ls, rs) in parts.items()}
+
+
+def edit_hooks(model: Any, *edits: Edit) -> list[tuple[str, Any]]:
+    """The forward hooks that apply ``edits`` (for ``run_with_hooks`` or ``model.hooks``).
+
+    Raises:
+        EditError: An edit computed on another model, or of the wrong shape.
+    """
+    hooks: list[tuple[str, Any]] = []
+    for (layer, projection), (left, right) in _grouped(model, edits).items():
+        weight = projection.weight(model, layer)
+        left = left.to(device=weight.device, dtype=weight.dtype)
+        right = right.to(device=weight.device, dtype=weight.dtype)
+        seen: list[Tensor] = []
+
+        def read_key(
+            activation: Tensor,
+            hook: Any,
+            seen: list[Tensor] = seen,
+            projection: Projection = projection,
+        ) -> None:
+            seen.append(projection.keys(activation))
+
+        def add_output(
+            activation: Tensor,
+            hook: Any,
+            seen: list[Tensor] = seen,
+            left: Tensor = left,
+            right: Tensor = right,
+        ) -> Tensor:
+            if not seen:
+                raise EditError(f"{hook.name}: the key hook of this edit did not fire first")
+            key = seen.pop()
+            seen.clear()
+            return activation + ((key.to(left.dtype) @ left) @ right).to(activation.dtype)
+
+        hooks.append((projection.key_hook(layer), read_key))
+        hooks.append((projection.output_hook(layer), add_output))
+    return hooks
+
+
+@contextlib.contextmanager
+def applied(model: Any, *edits: Edit) -> Iterator[None]:
+    """Apply edits as hooks inside a ``with`` block; the weights are never touched.
+
+    Args:
+        model: The hooked model.
+        *edits: One or more edits (their updates add up).
+
+    Raises:
+        EditError: An edit computed on another model, or of the wrong shape.
+    """
+    hooks = edit_hooks(model, *edits)
+    with model.hooks(fwd_hooks=hooks):
+        yield
+
+
+class CommittedEdit:
+    """Edits written into a model's weights, with exact copies of the weights they replaced.
+
+    ``restore()`` copies the originals back (bit-identical); using the handle as a context
+    manager restores on leaving the block, also after an exception. Restoring twice is a no-op.
+    """
+
+    def __init__(self, model: Any, originals: dict[_Key, Tensor]) -> None:
+        self._model = model
+        self._originals = originals
+        self._restored = False
+
+    @property
+    def restored(self) -> bool:
+        """Whether the original weights are back."""
+        return self._restored
+
+    @property
+    def weights(self) -> tuple[tuple[int, Projection], ...]:
+        """The ``(layer, projection)`` weights this handle changed."""
+        return tuple(self._originals)
+
+    def restore(self) -> None:
+        """Put back the original weights, bit for bit."""
+        if self._restored:
+            return
+        _restore(self._model, self._originals)
+        self._restored = True
+        self._originals = {}
+
+    def __enter__(self) -> CommittedEdit:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.restore()
+
+
+def _restore(model: Any, originals: dict[_Key, Tensor]) -> None:
+    with torch.no_grad():
+        for (layer, projection), original in originals.items():
+            projection.weight(model, layer).copy_(original)
+
+
+def commit(model: Any, *edits: Edit) -> CommittedEdit:
+    """Add edits to the live weights in place, keeping exact copies of the originals.
+
+    Each weight is changed with ``W.add_(ΔW)`` under ``torch.no_grad()`` on the tensor the model
+    exposes (on a TransformerBridge a view of the wrapped module's weight; never ``W += ΔW`` on
+    the attribute, which a bridge applies and then refuses).
+
+    Args:
+        model: The hooked model.
+        *edits: One or more edits (their updates add up).
+
+    Returns:
+        A handle whose ``restore()`` puts the original weights back.
+
+    Raises:
+        EditError: An edit computed on another model or of the wrong shape, or a model whose
+            weight attributes are copies rather than live tensors (nothing is changed then).
+    """
+    grouped = _grouped(model, edits)
+    originals: dict[_Key, Tensor] = {}
+    try:
+        with torch.no_grad():
+            for (layer, projection), (left, right) in grouped.items():
+                weight = projection.weight(model, layer)
+                originals[(layer, projection)] = weight.detach().clone()
+                change = (left.float() @ right.float()).to(device=weight.device)
+                weight.add_(change.to(weight.dtype).view_as(weight))
+                if not torch.equal(projection.weight(model, layer), weight):
+                    raise EditError(
+                        f"{projection.value} of layer {layer} is not a live tensor of "
+                        f"{type(model).__name__}; cannot commit an edit to it"
+                    )
+    except BaseException:
+        _restore(model, originals)
+        raise
+    return CommittedEdit(model, originals)

@@ -1,0 +1,459 @@
+"""Evaluating edits from both perspectives, and the cross-perspective transfer matrix.
+
+Every edit is scored on both perspectives of its fact, before (the unedited model) and after
+(the edit applied as hooks, so the model is never changed). A metric compares the probabilities
+of two answers on some prompts: its *score* is the fraction of prompts where the first wins, its
+*margin* the mean probability difference (the CounterFact "magnitude"). For a multi-token answer
+the probability is the geometric mean of its tokens' teacher-forced probabilities; an answer
+wins when its mean log-probability is higher by more than :data:`WIN_TOLERANCE`.
+
+===================  ===========  ==============================================  ================
+metric               perspective  prompts                                         wins if
+===================  ===========  ==============================================  ================
+efficacy             entity       the edited entity prompt                        new > old
+paraphrase           entity       the fact's entity paraphrases                   new > old
+neighborhood         entity       entity prompts of the request's ``neighbors``   theirs > new
+relation_add         relation     relation prompt with the new object (add)       relation > None
+relation_paraphrase  relation     relation paraphrases with the new object        relation > None
+relation_remove      relation     relation prompt with the old object (remove)    None > relation
+===================  ===========  ==============================================  ================
+
+(``neighborhood`` uses each neighbour's own object, which is the old object in CounterFact's
+neighbourhood prompts.) The *transfer matrix* crosses the perspective an edit was made from with
+the perspective evaluated, using one headline metric per evaluated perspective (efficacy for the
+entity side, relation_add for the relation side): the study's question is whether an entity
+edit moves the relation-side answer, and the other way round.
+
+Example:
+    >>> from kloc_lens.planted import planted_model
+    >>> from kloc_lens.facts import Fact
+    >>> from kloc_lens.edit import EditRequest, RomeEditor, planted_corpus, second_moment
+    >>> model, planted = planted_model()
+    >>> facts = [Fact(s, "home", o, entity_paraphrases=("{subject} lives in",))
+    ...     for s, o in planted.pairs()]
+    >>> request = EditRequest(facts[0], "Quito", neighbors=(facts[1],), none_target="a")
+    >>> stats = second_moment(model, planted.mlp_layer, planted_corpus(planted), progress=False)
+    >>> editor = RomeEditor(layer=planted.mlp_layer, stats=stats)
+    >>> result = evaluate_editor(model, [request], editor, progress=False)
+    >>> score = result.facts[0].score("efficacy")
+    >>> score.pre, score.post, result.facts[0].score("neighborhood").post
+    (0.0, 1.0, 1.0)
+    >>> result.transfer().post.shape
+    torch.Size([2, 2])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol, runtime_checkable
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from kloc_lens.edit._errors import EditError
+from kloc_lens.edit._tokens import encode, pad_rows, target_ids
+from kloc_lens.edit.apply import Edit, edit_hooks
+from kloc_lens.edit.request import EditRequest
+from kloc_lens.facts import Perspective, Prompt
+from kloc_lens.model import model_identity
+
+__all__ = [
+    "EditEvaluation",
+    "EditMetric",
+    "Editor",
+    "FactEvaluation",
+    "MetricScore",
+    "TransferMatrix",
+    "evaluate_edit",
+    "evaluate_editor",
+]
+
+
+class EditMetric(str, Enum):
+    """What an evaluation measures (see the module docstring for the prompts)."""
+
+    EFFICACY = "efficacy"
+    """Entity side: the new object beats the old on the edited entity prompt."""
+    PARAPHRASE = "paraphrase"
+    """Entity side: the new object beats the old on the fact's entity paraphrases."""
+    NEIGHBORHOOD = "neighborhood"
+    """Entity side: other subjects keep their object against the new one (specificity)."""
+    RELATION_ADD = "relation_add"
+    """Relation side: the relation beats "None" on the relation prompt with the new object."""
+    RELATION_PARAPHRASE = "relation_paraphrase"
+    """Relation side: the relation beats "None" on relation paraphrases with the new object."""
+    RELATION_REMOVE = "relation_remove"
+    """Relation side: "None" beats the relation on the relation prompt with the old object."""
+
+    @property
+    def perspective(self) -> Perspective:
+        """The perspective the metric is evaluated on."""
+        if self in (EditMetric.EFFICACY, EditMetric.PARAPHRASE, EditMetric.NEIGHBORHOOD):
+            return Perspective.ENTITY
+        return Perspective.RELATION
+
+
+WIN_TOLERANCE = 1e-5
+"""An answer wins when its mean token log-probability exceeds the other's by more than this
+(float rounding does not decide a tie)."""
+
+HEADLINE: dict[Perspective, EditMetric] = {
+    Perspective.ENTITY: EditMetric.EFFICACY,
+    Perspective.RELATION: EditMetric.RELATION_ADD,
+}
+"""The metric of each evaluated perspective in the transfer matrix."""
+
+
+@dataclass(frozen=True)
+class MetricScore:
+    """One metric of one edited fact, before and after the edit.
+
+    Attributes:
+        metric: The metric.
+        n_prompts: How many prompts it was measured on (0: not measurable, scores are NaN).
+        pre: Fraction of prompts won before the edit (by more than :data:`WIN_TOLERANCE` in
+            mean token log-probability).
+        post: Fraction of prompts won with the edit.
+        pre_margin: Mean probability difference (first minus second answer) before.
+        post_margin: The same with the edit.
+    """
+
+    metric: EditMetric
+    n_prompts: int
+    pre: float
+    post: float
+    pre_margin: float
+    post_margin: float
+
+    @property
+    def change(self) -> float:
+        """``post - pre``."""
+        return self.post - self.pre
+
+
+@dataclass(frozen=True)
+class FactEvaluation:
+    """Every metric of one edited fact.
+
+    Attributes:
+        subject: The fact's subject.
+        relation: Its relation.
+        old_object: The object before the edit.
+        new_object: The object asked for.
+        edited: The perspective the edit was made from.
+        scores: One score per metric, in :class:`EditMetric` order.
+    """
+
+    subject: str
+    relation: str
+    old_object: str
+    new_object: str
+    edited: Perspective
+    scores: tuple[MetricScore, ...]
+
+    def score(self, metric: EditMetric | str) -> MetricScore:
+        """The score of ``metric``."""
+        wanted = EditMetric(metric)
+        for score in self.scores:
+            if score.metric is wanted:
+                return score
+        raise EditError(f"no {wanted.value} score for {self.subject!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class TransferMatrix:
+    """Edited perspective x evaluated perspective: mean headline score over the facts.
+
+    Attributes:
+        pre: Mean score before the edits (NaN where no fact was edited from that side).
+        post: Mean score with the edits.
+        counts: Facts edited from each perspective.
+        perspectives: The order of both axes (entity, relation).
+        metrics: The headline metric of each evaluated perspective.
+    """
+
+    pre: Float[Tensor, "edited evaluated"]
+    post: Float[Tensor, "edited evaluated"]
+    counts: Int[Tensor, " edited"]
+    perspectives: tuple[Perspective, ...]
+    metrics: tuple[EditMetric, ...]
+
+    @property
+    def change(self) -> Float[Tensor, "edited evaluated"]:
+        """``post - pre``: what the edits moved."""
+        return self.post - self.pre
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per cell: edited, evaluated, metric, n_facts, pre, post, change."""
+        rows = []
+        for i, edited in enumerate(self.perspectives):
+            for j, evaluated in enumerate(self.perspectives):
+                rows.append(
+                    {
+                        "edited": edited.value,
+                        "evaluated": evaluated.value,
+                        "metric": self.metrics[j].value,
+                        "n_facts": int(self.counts[i]),
+                        "pre": float(self.pre[i, j]),
+                        "post": float(self.post[i, j]),
+                        "change": float(self.change[i, j]),
+                    }
+                )
+        return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class EditEvaluation:
+    """Evaluations of edited facts, with a tidy DataFrame, a summary and the transfer matrix.
+
+    Attributes:
+        facts: One evaluation per edited fact.
+        editor: What made the edits.
+        model: :func:`~kloc_lens.model.model_identity` of the model.
+    """
+
+    facts: tuple[FactEvaluation, ...]
+    editor: str
+    model: str
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per (fact, metric): the fact's labels, the metric and its numbers."""
+        rows = []
+        for index, fact in enumerate(self.facts):
+            for score in fact.scores:
+                rows.append(
+                    {
+                        "fact": index,
+                        "subject": fact.subject,
+                        "relation": fact.relation,
+                        "old_object": fact.old_object,
+                        "new_object": fact.new_object,
+                        "edited": fact.edited.value,
+                        "metric": score.metric.value,
+                        "evaluated": score.metric.perspective.value,
+                        "n_prompts": score.n_prompts,
+                        "pre": score.pre,
+                        "post": score.post,
+                        "pre_margin": score.pre_margin,
+                        "post_margin": score.post_margin,
+                    }
+                )
+        return pd.DataFrame(rows)
+
+    def summary(self) -> pd.DataFrame:
+        """Means over facts per (edited perspective, metric), with ``n_facts`` counted.
+
+        Facts on which a metric has no prompts are left out of its row.
+        """
+        frame = self.to_dataframe()
+        columns = ["pre", "post", "pre_margin", "post_margin"]
+        if frame.empty:
+            return pd.DataFrame(
+                columns=["edited", "metric", "evaluated", "n_facts", "n_prompts", *columns]
+            )
+        frame = frame[frame["n_prompts"] > 0]
+        grouped = frame.groupby(["edited", "metric", "evaluated"], sort=False)
+        summary = grouped[columns].mean()
+        summary.insert(0, "n_prompts", grouped["n_prompts"].sum())
+        summary.insert(0, "n_facts", grouped["fact"].count())
+        summary = summary.reset_index()
+        summary["change"] = summary["post"] - summary["pre"]
+        return summary
+
+    def transfer(self) -> TransferMatrix:
+        """The 2 x 2 matrix of headline scores: edited perspective x evaluated perspective."""
+        order = (Perspective.ENTITY, Perspective.RELATION)
+        metrics = tuple(HEADLINE[p] for p in order)
+        pre = torch.full((2, 2), math.nan)
+        post = torch.full((2, 2), math.nan)
+        counts = torch.zeros(2, dtype=torch.long)
+        for i, edited in enumerate(order):
+            facts = [f for f in self.facts if f.edited is edited]
+            counts[i] = len(facts)
+            for j, metric in enumerate(metrics):
+                scores = [f.score(metric) for f in facts if f.score(metric).n_prompts > 0]
+                if scores:
+                    pre[i, j] = sum(s.pre for s in scores) / len(scores)
+                    post[i, j] = sum(s.post for s in scores) / len(scores)
+        return TransferMatrix(pre, post, counts, order, metrics)
+
+
+@runtime_checkable
+class Editor(Protocol):
+    """Anything that computes an edit from requests (:class:`RomeEditor`, :class:`MemitEditor`)."""
+
+    @property
+    def name(self) -> str:
+        """A label for reports."""
+        ...
+
+    def compute(self, model: Any, requests: EditRequest | Sequence[EditRequest]) -> Any:
+        """The edit (an :class:`~kloc_lens.edit.apply.Edit`) of the requests."""
+        ...
+
+
+_Comparison = tuple[EditMetric, Prompt, str, str]
+
+
+def _comparisons(request: EditRequest) -> list[_Comparison]:
+    fact, new, none = request.fact, request.target, request.none_target
+    items: list[_Comparison] = [(EditMetric.EFFICACY, request.entity_prompt(), new, fact.object)]
+    for template in fact.entity_paraphrases:
+        items.append((EditMetric.PARAPHRASE, fact.entity_prompt(template), new, fact.object))
+    for neighbor in request.neighbors:
+        items.append((EditMetric.NEIGHBORHOOD, neighbor.entity_prompt(), neighbor.object, new))
+    items.append((EditMetric.RELATION_ADD, request.add_prompt(), fact.relation, none))
+    for template in fact.relation_paraphrases:
+        prompt = fact.relation_prompt(template, object=new)
+        items.append((EditMetric.RELATION_PARAPHRASE, prompt, fact.relation, none))
+    items.append((EditMetric.RELATION_REMOVE, request.remove_prompt(), none, fact.relation))
+    return items
+
+
+def _log_probabilities(
+    model: Any, pairs: Sequence[tuple[Prompt, str]], hooks: Sequence[tuple[str, Any]]
+) -> list[float]:
+    """Mean token log-probability of each target after its prompt (teacher forcing)."""
+    rows: list[list[int]] = []
+    reads: list[tuple[int, int, int]] = []  # (row, position, token)
+    for index, (prompt, target) in enumerate(pairs):
+        ids = encode(model, prompt.text)
+        wanted = target_ids(model, prompt, target, "answer")
+        rows.append(ids + wanted[:-1])
+        reads.extend((index, len(ids) - 1 + j, token) for j, token in enumerate(wanted))
+    batch = pad_rows(model, rows)
+    with torch.no_grad():
+        logits = model.run_with_hooks(batch.tokens, fwd_hooks=list(hooks))
+    device = logits.device
+    row = torch.tensor([r for r, _, _ in reads], device=device)
+    pos = torch.tensor([p for _, p, _ in reads], device=device)
+    token = torch.tensor([t for _, _, t in reads], device=device)
+    picked = logits[row, pos].float().log_softmax(-1).gather(-1, token[:, None])[:, 0]
+    total = torch.zeros(len(pairs), device=device).index_add(0, row, picked)
+    count = torch.zeros(len(pairs), device=device).index_add(0, row, torch.ones_like(picked))
+    return (total / count).tolist()
+
+
+def _evaluate_one(
+    model: Any, request: EditRequest, hooks: Sequence[tuple[str, Any]]
+) -> FactEvaluation:
+    comparisons = _comparisons(request)
+    pairs: list[tuple[Prompt, str]] = []
+    for _, prompt, first, second in comparisons:
+        pairs.extend([(prompt, first), (prompt, second)])
+    before = _log_probabilities(model, pairs, ())
+    after = _log_probabilities(model, pairs, hooks)
+    # per comparison: (won before, won after, margin before, margin after)
+    by_metric: dict[EditMetric, list[tuple[bool, bool, float, float]]] = {m: [] for m in EditMetric}
+    for index, (metric, _, _, _) in enumerate(comparisons):
+        first, second = 2 * index, 2 * index + 1
+        by_metric[metric].append(
+            (
+                before[first] - before[second] > WIN_TOLERANCE,
+                after[first] - after[second] > WIN_TOLERANCE,
+                math.exp(before[first]) - math.exp(before[second]),
+                math.exp(after[first]) - math.exp(after[second]),
+            )
+        )
+    scores = []
+    for metric, results in by_metric.items():
+        if not results:
+            scores.append(MetricScore(metric, 0, math.nan, math.nan, math.nan, math.nan))
+            continue
+        n = len(results)
+        scores.append(
+            MetricScore(
+                metric,
+                n,
+                pre=sum(1.0 for won, _, _, _ in results if won) / n,
+                post=sum(1.0 for _, won, _, _ in results if won) / n,
+                pre_margin=sum(margin for _, _, margin, _ in results) / n,
+                post_margin=sum(margin for _, _, _, margin in results) / n,
+            )
+        )
+    return FactEvaluation(
+        subject=request.fact.subject,
+        relation=request.fact.relation,
+        old_object=request.fact.object,
+        new_object=request.target,
+        edited=request.edited,
+        scores=tuple(scores),
+    )
+
+
+def _requests_of(edit: Any) -> tuple[EditRequest, ...]:
+    if isinstance(getattr(edit, "request", None), EditRequest):
+        return (edit.request,)
+    requests = getattr(edit, "requests", None)
+    if requests:
+        return tuple(requests)
+    raise EditError(f"{type(edit).__name__} records no requests; pass them to evaluate_edit")
+
+
+def evaluate_edit(
+    model: Any,
+    edit: Edit,
+    requests: EditRequest | Sequence[EditRequest] | None = None,
+    *,
+    editor: str = "",
+) -> EditEvaluation:
+    """Score one edit (possibly of several facts) on both perspectives of each fact.
+
+    Args:
+        model: The hooked model the edit was computed on (it is not changed: the edit is
+            applied as hooks).
+        edit: The edit.
+        requests: The facts to score; default: the requests the edit records.
+        editor: A label for reports.
+
+    Returns:
+        The evaluation, one :class:`FactEvaluation` per request.
+
+    Raises:
+        EditError: An answer (e.g. the ``none_target``) is not in the vocabulary, or the edit
+            belongs to another model.
+    """
+    items = (
+        _requests_of(edit)
+        if requests is None
+        else ((requests,) if isinstance(requests, EditRequest) else tuple(requests))
+    )
+    hooks = edit_hooks(model, edit)
+    facts = tuple(_evaluate_one(model, request, hooks) for request in items)
+    return EditEvaluation(facts, editor or type(edit).__name__, model_identity(model))
+
+
+def evaluate_editor(
+    model: Any,
+    requests: Sequence[EditRequest],
+    editor: Editor,
+    *,
+    progress: bool = True,
+) -> EditEvaluation:
+    """Edit each request on its own (the CounterFact protocol) and score it on both
+    perspectives.
+
+    Args:
+        model: The hooked model (it is not changed).
+        requests: The facts to edit, each from its own perspective.
+        editor: A :class:`RomeEditor`, :class:`MemitEditor` or anything with ``name`` and
+            ``compute(model, request)``.
+        progress: Show a progress bar.
+
+    Returns:
+        The evaluation.
+    """
+    facts = []
+    for request in tqdm(list(requests), desc=editor.name, disable=not progress, leave=False):
+        edit = editor.compute(model, request)
+        facts.extend(evaluate_edit(model, edit, request).facts)
+    return EditEvaluation(tuple(facts), editor.name, model_identity(model))

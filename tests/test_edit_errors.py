@@ -1,0 +1,115 @@
+"""Bad input to the editors: a clear error that names the input, and an untouched model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from kloc_lens.edit import (
+    ContextSpec,
+    EditError,
+    EditRequest,
+    MemitEditor,
+    RomeEditor,
+    ValueSpec,
+    evaluate_edit,
+)
+from kloc_lens.errors import KlocLensError, ModelError, SpanError
+from kloc_lens.facts import Fact
+
+pytestmark = pytest.mark.substrate
+
+SMALL = ContextSpec(count=2, lengths=(3,))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one thread beats several, by far on a busy machine."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(scope="module")
+def fact(planted) -> Fact:
+    _, facts = planted
+    return Fact(facts.subjects[0], "home", facts.objects[0])
+
+
+def test_errors_belong_to_the_family():
+    assert issubclass(EditError, KlocLensError)
+
+
+def test_a_target_that_tokenizes_to_nothing(planted, fact):
+    model, facts = planted
+    with pytest.raises(EditError, match="new object ' ' for 'Ana Bel' is empty"):
+        EditRequest(fact, " ")
+    with pytest.raises(EditError, match="has no new object"):
+        EditRequest(fact)
+    with pytest.raises(EditError, match="is the old object"):
+        EditRequest(fact, "Paris")
+    relation = EditRequest(fact, "Quito", perspective="relation", none_target="")
+    with pytest.raises(EditError, match="increase target '' is empty"):
+        RomeEditor(layer=facts.mlp_layer, contexts=SMALL).compute(model, relation)
+    unknown = EditRequest(fact, "Atlantis")
+    with pytest.raises(EditError, match="'Atlantis' is not in the vocabulary"):
+        RomeEditor(layer=facts.mlp_layer, contexts=SMALL).compute(model, unknown)
+
+
+def test_a_subject_absent_from_the_prompt(planted, fact):
+    model, facts = planted
+    request = EditRequest(fact, "Quito", prompt=facts.prompt(3))
+    with pytest.raises(SpanError, match="subject 'Ana Bel' does not occur in prompt"):
+        RomeEditor(layer=facts.mlp_layer, contexts=SMALL).compute(model, request)
+    relation = EditRequest(fact, "Quito", perspective="relation")
+    editor = RomeEditor(layer=facts.mlp_layer, key_token="relation_last", contexts=SMALL)
+    with pytest.raises(SpanError, match="has no 'relation' span"):
+        editor.compute(model, relation)
+
+
+def test_editor_settings_that_cannot_work(planted, fact):
+    model, _ = planted
+    request = EditRequest(fact, "Quito")
+    with pytest.raises(EditError, match="layer 6 is outside 0..5"):
+        RomeEditor(layer=6).compute(model, request)
+    with pytest.raises(EditError, match="ROME edits one fact at a time, got 2"):
+        RomeEditor(layer=1).compute(model, [request, request])
+    with pytest.raises(EditError, match="key of 'Ana Bel' is zero at layer 0"):
+        RomeEditor(layer=0, contexts=SMALL).compute(model, request)
+    with pytest.raises(EditError, match="steps >= 0, lr > 0"):
+        ValueSpec(lr=0.0)
+    with pytest.raises(EditError, match="count must be >= 0 and lengths >= 1"):
+        ContextSpec(lengths=(0,))
+    with pytest.raises(EditError, match="covariance_weight must be >= 0"):
+        MemitEditor(layers=(1,), covariance_weight=-1.0).compute(model, request)
+    model.train()
+    try:
+        with pytest.raises(ModelError, match="train mode"):
+            RomeEditor(layer=1, contexts=SMALL).compute(model, request)
+    finally:
+        model.eval()
+
+
+def test_an_edit_for_another_model(planted, fact, tiny):
+    model, facts = planted
+    edit = RomeEditor(layer=facts.mlp_layer, contexts=SMALL).compute(
+        model, EditRequest(fact, "Quito")
+    )
+    with pytest.raises(EditError, match="computed on model 'kloc-planted"):
+        evaluate_edit(tiny, edit)
+    with pytest.raises(EditError, match="computed on model 'kloc-planted"), edit.applied(tiny):
+        pass
+    with pytest.raises(EditError, match="'None' is not in the vocabulary"):
+        evaluate_edit(model, edit)
+
+
+def test_unknown_choices_name_the_options(planted, fact):
+    with pytest.raises(EditError, match="perspective must be one of 'entity', 'relation'"):
+        EditRequest(fact, "Quito", perspective="object")
+    with pytest.raises(EditError, match="projection must be one of 'W_out', 'W_O', got 'W_in'"):
+        RomeEditor(layer=1, projection="W_in")
+    with pytest.raises(EditError, match="key_token must be one of 'subject_last'"):
+        MemitEditor(layers=(1,), key_token="first")

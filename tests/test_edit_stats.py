@@ -1,0 +1,142 @@
+"""Key statistics: the right matrix, cached by model, layer, site and corpus, checked on use."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from kloc_lens.edit import (
+    EditError,
+    EditRequest,
+    Projection,
+    RomeEditor,
+    SecondMoment,
+    load_second_moment,
+    planted_corpus,
+    second_moment,
+)
+from kloc_lens.errors import KlocLensError
+from kloc_lens.facts import Fact
+
+pytestmark = pytest.mark.substrate
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one thread beats several, by far on a busy machine."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
+CORPUS = (
+    "The mother tongue of Danielle Darrieux is French .",
+    "Edwin Hubble works in the field of astronomy",
+    "Paris is the capital of",
+)
+
+
+def _reference(model, layer: int, hook: str, texts, flatten: bool = False) -> torch.Tensor:
+    """E[k k^T] by brute force: every text alone, every position but BOS."""
+    keys = []
+    for text in texts:
+        _, cache = model.run_with_cache(text)
+        activation = cache[hook][0, 1:]
+        keys.append(activation.flatten(-2) if flatten else activation)
+    stacked = torch.cat(keys).double()
+    return stacked.T @ stacked / stacked.shape[0]
+
+
+def test_mlp_statistics_match_brute_force(tiny):
+    stats = second_moment(tiny, 1, CORPUS, batch_size=2, progress=False)
+    expected = _reference(tiny, 1, "blocks.1.mlp.hook_post", CORPUS)
+    assert stats.count == sum(len(tiny.to_str_tokens(text)) - 1 for text in CORPUS)
+    assert stats.matrix.shape == (tiny.cfg.d_mlp, tiny.cfg.d_mlp)
+    torch.testing.assert_close(stats.matrix.double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_statistics_flatten_the_heads(tiny):
+    stats = second_moment(tiny, 2, CORPUS, projection="W_O", progress=False)
+    expected = _reference(tiny, 2, "blocks.2.attn.hook_z", CORPUS, flatten=True)
+    assert stats.projection is Projection.W_O
+    assert stats.matrix.shape == (tiny.cfg.n_heads * tiny.cfg.d_head,) * 2
+    torch.testing.assert_close(stats.matrix.double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_cache_is_keyed_by_corpus_and_read_back(tiny, tmp_path):
+    first = second_moment(tiny, 1, CORPUS, cache_dir=tmp_path, progress=False)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1
+    again = second_moment(tiny, 1, list(CORPUS), cache_dir=tmp_path, progress=False)
+    assert torch.equal(first.matrix, again.matrix)
+    assert list(tmp_path.iterdir()) == files
+    other = second_moment(tiny, 1, CORPUS[:2], cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 2
+    assert other.corpus != first.corpus
+    second_moment(tiny, 2, CORPUS, cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_a_named_corpus_hits_the_cache_without_reading_it(tiny, tmp_path):
+    def texts():
+        yield from CORPUS
+
+    def untouchable():
+        raise AssertionError("the corpus was read on a cache hit")
+        yield ""
+
+    stored = second_moment(tiny, 0, texts(), cache_dir=tmp_path, corpus_id="wiki-3", progress=False)
+    assert stored.corpus == "wiki-3"
+    cached = second_moment(
+        tiny, 0, untouchable(), cache_dir=tmp_path, corpus_id="wiki-3", progress=False
+    )
+    assert torch.equal(stored.matrix, cached.matrix)
+
+
+def test_save_and_load_round_trip(tiny, tmp_path):
+    stats = second_moment(tiny, 1, CORPUS, progress=False)
+    path = stats.save(tmp_path / "stats" / "layer1.safetensors")
+    loaded = load_second_moment(path, model=tiny, layer=1)
+    assert torch.equal(loaded.matrix, stats.matrix)
+    for name in ("count", "model", "fingerprint", "layer", "projection", "corpus"):
+        assert getattr(loaded, name) == getattr(stats, name), name
+
+
+def test_statistics_are_checked_against_model_layer_and_shape(tiny, planted, tmp_path):
+    model, facts = planted
+    tiny_stats = second_moment(tiny, 1, CORPUS, progress=False)
+    request = EditRequest(Fact(facts.subjects[0], "home", facts.objects[0]), "Quito")
+    with pytest.raises(EditError, match="statistics were computed on model 'kloc-tiny"):
+        RomeEditor(layer=1, stats=tiny_stats).compute(model, request)
+    planted_stats = second_moment(model, 1, planted_corpus(facts, n_texts=16), progress=False)
+    with pytest.raises(EditError, match="for W_out at layer 1, not W_out at layer 2"):
+        RomeEditor(layer=2, stats=planted_stats).compute(model, request)
+    with pytest.raises(EditError, match="for W_out at layer 1, not W_O at layer 1"):
+        RomeEditor(layer=1, projection="W_O", stats=planted_stats).compute(model, request)
+    wrong_shape = SecondMoment(
+        matrix=torch.eye(100),
+        count=10,
+        model=planted_stats.model,
+        fingerprint=planted_stats.fingerprint,
+        layer=1,
+        projection=Projection.W_OUT,
+        corpus="x",
+    )
+    with pytest.raises(EditError, match=r"shape \(100, 100\); W_out keys at layer 1 need"):
+        RomeEditor(layer=1, stats=wrong_shape).compute(model, request)
+    path = tiny_stats.save(tmp_path / "tiny.safetensors")
+    with pytest.raises(KlocLensError, match="computed on model"):
+        load_second_moment(path, model=model)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(EditError, match="is not a kloc_lens statistics file"):
+        load_second_moment(tmp_path / "junk.safetensors")
+    with pytest.raises(EditError, match="no statistics file"):
+        load_second_moment(tmp_path / "missing.safetensors")
+
+
+def test_empty_corpus_is_refused(tiny):
+    with pytest.raises(EditError, match="holds no tokens"):
+        second_moment(tiny, 0, [], progress=False)
