@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +40,12 @@ from kloc_lens.results import AggregateSet
 from kloc_lens.types import TraceKind
 
 __all__ = [
+    "EditingHalf",
     "LocalizationSide",
     "StudyConfig",
     "StudyError",
     "StudyResult",
+    "edit_half",
     "headline",
     "run_study",
 ]
@@ -67,7 +69,8 @@ class StudyConfig:
         noise_factor: Noise scale in standard deviations of the span's token embeddings.
         seed: Seed of the fact sampling and of the noise.
         edit_layer: Layer edited; ``None`` takes the layer where the entity-side MLP AIE peaks.
-        edit_steps: Optimisation steps of each edit's value vector.
+        none_target: The relation-perspective answer meaning "no relation" (the study's
+            ``"None"``).
     """
 
     n_trace: int = 50
@@ -77,7 +80,7 @@ class StudyConfig:
     noise_factor: float = 3.0
     seed: int = 0
     edit_layer: int | None = None
-    edit_steps: int = 20
+    none_target: str = "None"
 
     def window_for(self, n_layers: int) -> int:
         """The window used on a model with ``n_layers`` layers."""
@@ -184,7 +187,7 @@ class StudyResult:
     known: KnownFacts
     entity: LocalizationSide
     relation: LocalizationSide | None
-    editing: Any | None
+    editing: EditingHalf | None
     timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -206,6 +209,155 @@ class StudyResult:
         if self.editing is not None:
             out["editing"] = self.editing.summary()
         return out
+
+
+@dataclass(frozen=True)
+class EditingHalf:
+    """The editing half: the same facts edited from each perspective, scored on both.
+
+    Attributes:
+        evaluation: Every edit's scores (both perspectives, before and after).
+        transfer: The 2 x 2 matrix: edited perspective x evaluated perspective.
+        layer: The edited layer.
+        editor: The editor's label.
+        statistics: How the key statistics were obtained.
+    """
+
+    evaluation: Any
+    transfer: Any
+    layer: int
+    editor: str
+    statistics: str
+
+    def summary(self) -> dict[str, Any]:
+        """The numbers as plain data (with ``text``: the report's sentences)."""
+        pre, post = self.transfer.pre, self.transfer.post
+        entity_on_relation = float(post[0, 1] - pre[0, 1])
+        relation_on_entity = float(post[1, 0] - pre[1, 0])
+        text = [
+            f"{self.editor} ({self.statistics}): entity edits reach "
+            f"{_pct(post[0, 0])} efficacy (from {_pct(pre[0, 0])}) and move the relation-side "
+            f"success by {100 * entity_on_relation:+.1f} points; relation edits reach "
+            f"{_pct(post[1, 1])} relation-side success (from {_pct(pre[1, 1])}) and move entity "
+            f"efficacy by {100 * relation_on_entity:+.1f} points."
+        ]
+        return {
+            "layer": self.layer,
+            "editor": self.editor,
+            "statistics": self.statistics,
+            "perspectives": [p.value for p in self.transfer.perspectives],
+            "metrics": [m.value for m in self.transfer.metrics],
+            "counts": [int(c) for c in self.transfer.counts],
+            "transfer_pre": _matrix(pre),
+            "transfer_post": _matrix(post),
+            "metrics_summary": self.evaluation.summary().to_dict(orient="records"),
+            "text": text,
+        }
+
+    def figures(self) -> list[tuple[str, str, Any]]:
+        """The report's editing figures: the transfer matrix and every metric."""
+        from kloc_lens.edit.plot import metric_bars, transfer_heatmap
+
+        return [
+            (
+                "transfer",
+                "Transfer matrix: edited perspective x evaluated perspective",
+                transfer_heatmap(self.transfer),
+            ),
+            (
+                "edit-metrics",
+                "Every metric before and after the edits",
+                metric_bars(self.evaluation),
+            ),
+        ]
+
+    def table_html(self) -> str:
+        """The per-metric summary as an HTML table."""
+        return self.evaluation.summary().to_html(index=False, float_format="%.3f")
+
+    def save(self, directory: Path) -> None:
+        """Per-fact scores as CSV and the transfer matrix as safetensors."""
+        from safetensors.torch import save_file
+
+        self.evaluation.to_dataframe().to_csv(directory / "edit_scores.csv", index=False)
+        save_file(
+            {
+                "pre": self.transfer.pre.contiguous(),
+                "post": self.transfer.post.contiguous(),
+                "counts": self.transfer.counts.contiguous(),
+            },
+            str(directory / "transfer.safetensors"),
+        )
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * float(value):.0f}%"
+
+
+def _matrix(tensor: Any) -> list[list[float | None]]:
+    return [[None if v != v else float(v) for v in row.tolist()] for row in tensor]
+
+
+def edit_half(
+    model: Any,
+    facts: Sequence[Fact],
+    config: StudyConfig,
+    layer: int,
+    *,
+    corpus: Sequence[str] | None = None,
+    progress: bool = True,
+) -> EditingHalf:
+    """Edit ``config.n_edit`` facts from each perspective (ROME at ``layer``) and score both.
+
+    Args:
+        model: The hooked model (never changed: edits are applied as hooks).
+        facts: Known facts; those with a ``new_object`` are candidates.
+        config: Settings (``n_edit``, ``seed``, ``none_target``).
+        layer: The edited layer.
+        corpus: Texts for the key statistics; default: the facts' own prompts.
+        progress: Show progress bars.
+
+    Raises:
+        StudyError: No fact has a new object.
+    """
+    from kloc_lens.edit import EditRequest, RomeEditor, evaluate_editor, second_moment
+
+    candidates = [f for f in facts if f.new_object]
+    if not candidates:
+        raise StudyError("no fact has a new_object to edit towards")
+    chosen = _sample(candidates, config.n_edit, config.seed + 1)
+    texts = (
+        list(corpus)
+        if corpus is not None
+        else [p.text for f in facts for p in (*f.prompts("entity"), *f.prompts("relation"))]
+    )
+    stats = second_moment(model, layer, texts, progress=progress)
+    editor = RomeEditor(layer=layer, stats=stats)
+    requests = []
+    for fact in chosen:
+        neighbors = tuple(
+            g
+            for g in facts
+            if g.subject != fact.subject and g.relation == fact.relation and g.object == fact.object
+        )[:5]
+        for perspective in ("entity", "relation"):
+            requests.append(
+                EditRequest(
+                    fact,
+                    perspective=perspective,
+                    neighbors=neighbors,
+                    none_target=config.none_target,
+                )
+            )
+    evaluation = evaluate_editor(model, requests, editor, progress=progress)
+    source = "the given corpus" if corpus is not None else "the facts' own prompts"
+    return EditingHalf(
+        evaluation=evaluation,
+        transfer=evaluation.transfer(),
+        layer=layer,
+        editor=editor.name,
+        statistics=f"key statistics over {len(texts)} texts of {source}",
+    )
 
 
 def _sample(facts: Sequence[Fact], n: int, seed: int) -> list[Fact]:
@@ -254,7 +406,8 @@ def run_study(
     config: StudyConfig | None = None,
     *,
     out: str | Path | None = None,
-    editing: Callable[..., Any] | None = None,
+    corpus: Sequence[str] | None = None,
+    edit: bool = True,
     progress: bool = True,
 ) -> StudyResult:
     """Run both halves of the study and (with ``out``) write the report and results.
@@ -264,8 +417,8 @@ def run_study(
         facts: The fact set (filtered to the facts the model knows first).
         config: Settings (defaults: :class:`StudyConfig`).
         out: Directory for ``report.html``, ``results.json`` and the tensors.
-        editing: The editing half: ``editing(model, facts, config, layer, progress) -> result``
-            with ``summary()``; default: :func:`kloc_lens.edit.study.edit_study` when available.
+        corpus: Texts for the editing half's key statistics (default: the facts' prompts).
+        edit: Run the editing half (also skipped when ``config.n_edit`` is 0).
         progress: Show progress bars.
 
     Raises:
@@ -297,10 +450,10 @@ def run_study(
     timings["trace_relation"] = time.perf_counter() - start
 
     edit_result = None
-    if editing is not None and config.n_edit > 0:
+    if edit and config.n_edit > 0:
         start = time.perf_counter()
         layer = config.edit_layer if config.edit_layer is not None else entity.mlp_peak[1]
-        edit_result = editing(model, known.facts, config, layer, progress)
+        edit_result = edit_half(model, known.facts, config, layer, corpus=corpus, progress=progress)
         timings["edit"] = time.perf_counter() - start
     result = StudyResult(
         model=model_identity(model),

@@ -11,17 +11,24 @@ import pytest
 import torch
 
 import kloc_lens as kl
+from kloc_lens.edit import planted_corpus
 from kloc_lens.study import StudyConfig, headline, run_study
 
 
 @pytest.fixture(scope="module")
 def study(planted, tmp_path_factory):
     model, facts = planted
-    fact_set = [kl.Fact(s, "home", o, entity_template=facts.template) for s, o in facts.pairs()]
+    spare = facts.spare_objects
+    fact_set = [
+        kl.Fact(s, "home", o, entity_template=facts.template, new_object=spare[i % len(spare)])
+        for i, (s, o) in enumerate(facts.pairs())
+    ]
     wrong = kl.Fact(facts.subjects[0], "home", facts.objects[1], entity_template=facts.template)
     out = tmp_path_factory.mktemp("study")
-    config = StudyConfig(n_trace=6, samples=4, window=1, n_edit=0)
-    result = run_study(model, [*fact_set, wrong], config, out=out, progress=False)
+    config = StudyConfig(n_trace=6, samples=4, window=1, n_edit=2, none_target="a")
+    result = run_study(
+        model, [*fact_set, wrong], config, out=out, progress=False, corpus=planted_corpus(facts)
+    )
     return model, facts, result, out
 
 
@@ -39,6 +46,19 @@ def test_known_facts_and_localization(study):
     assert result.relation is not None and result.relation.span == "relation"
     numbers = headline(entity.aggregate, "subject")
     assert numbers["mlp_peak"] == entity.mlp_peak
+
+
+def test_editing_half(study):
+    _, facts, result, out = study
+    editing = result.editing
+    assert editing is not None and editing.layer == facts.mlp_layer
+    assert editing.transfer.counts.tolist() == [2, 2]
+    # entity edits at the planted MLP flip the planted facts
+    assert float(editing.transfer.pre[0, 0]) == 0.0 and float(editing.transfer.post[0, 0]) == 1.0
+    summary = result.summary()["editing"]
+    assert summary["transfer_post"][0][0] == 1.0
+    assert (out / "tensors" / "edit_scores.csv").exists()
+    assert "entity edits reach 100% efficacy (from 0%)" in (out / "report.html").read_text()
 
 
 def test_relation_corruption_does_not_matter_to_the_planted_model(study):
