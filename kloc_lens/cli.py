@@ -1,11 +1,11 @@
 """The ``kloc-lens`` command line.
 
-``kloc-lens demo`` is the main job until the factworld study lands: it traces a fact of the
-planted model (the embedded default: a tiny model with hand-set weights whose fact lives in a
-known MLP and attention head) from the entity perspective, sweeps its heads, and writes the
-figures (standalone HTML) and machine-readable results (JSON + safetensors).
-
-``kloc-lens trace`` traces one prompt of any local checkpoint or hub model.
+- ``kloc-lens study [--model NAME_OR_PATH] [--facts FILE] [--out DIR]``: the main job, both
+  halves of the study with its HTML report (default: the shipped factworld model and its facts);
+- ``kloc-lens trace``: ROME causal tracing of one fact, with its figures;
+- ``kloc-lens edit``: one rank-one edit from each perspective, scored on both, with its figure;
+- ``kloc-lens factworld build``: regenerate the factworld from scratch;
+- ``kloc-lens demo``: trace the planted model (hand-set weights, known answer).
 """
 
 from __future__ import annotations
@@ -105,70 +105,245 @@ def demo(out: Path, *, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
+def _model_and_facts(model_name: str | None, facts_file: Path | None) -> tuple[Any, list[Any], Any]:
+    """The model, its fact set and (for factworld) the corpus for key statistics."""
+    import kloc_lens as kl
+    from kloc_lens.datasets import load_facts, real_world_facts
+
+    if model_name is None:
+        from kloc_lens.factworld import load_factworld
+
+        model, world = load_factworld()
+        facts = load_facts(facts_file) if facts_file else list(world.facts)
+        return model, facts, list(world.corpus())
+    model = kl.load_model(model_name)
+    facts = load_facts(facts_file) if facts_file else real_world_facts()
+    return model, facts, None
+
+
+def _pick(facts: list[Any], subject: str | None, index: int) -> Any:
+    from kloc_lens.datasets import DatasetError
+
+    if subject is not None:
+        for fact in facts:
+            if fact.subject == subject:
+                return fact
+        raise DatasetError(f"no fact about subject {subject!r} in the fact set")
+    if not 0 <= index < len(facts):
+        raise DatasetError(f"fact index {index} outside the {len(facts)} facts")
+    return facts[index]
+
+
 def trace(
-    model_name: str,
-    prompt: str,
-    subject: str,
-    target: str,
+    model_name: str | None,
+    facts_file: Path | None,
+    subject: str | None,
+    index: int,
     out: Path,
     *,
-    window: int,
+    window: int | None,
     samples: int,
+    span: str,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Trace one prompt of a named or local model."""
+    """Trace one fact (entity prompt, ``span`` corrupted) and write its figures."""
     import kloc_lens as kl
 
     out.mkdir(parents=True, exist_ok=True)
-    model = kl.load_model(model_name)
-    tokenized = kl.tokenize(model, kl.Prompt.from_text(prompt, target, subject=subject))
+    model, facts, _ = _model_and_facts(model_name, facts_file)
+    fact = _pick(facts, subject, index)
+    prompt = kl.tokenize(model, fact.entity_prompt())
+    prompts = [kl.tokenize(model, f.entity_prompt()) for f in facts[:200]]
+    prompts = [p for p in prompts if span in p.spans] or [prompt]
+    noise = kl.GaussianNoise.from_prompts(model, prompts, span=span, samples=samples)
+    size = window if window is not None else max(1, round(int(model.cfg.n_layers) * 10 / 48))
     traces = kl.causal_trace(
-        model,
-        tokenized,
-        corruption=kl.GaussianNoise(samples=samples),
-        window=window,
-        sever=("mlp", "attn"),
-        progress=progress,
+        model, prompt, corruption=noise, window=size, sever=("mlp", "attn"), progress=progress
     )
     files = _trace_outputs(traces, out, "trace")
-    summary = {"model": model_name, "prompt": prompt, "target": target, "trace": _summary(traces)}
+    summary = {
+        "model": model_name or "factworld",
+        "prompt": prompt.text,
+        "target": prompt.prompt.target,
+        "trace": _summary(traces),
+    }
     summary["files"] = [p.name for p in files]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
+def edit(
+    model_name: str | None,
+    facts_file: Path | None,
+    subject: str | None,
+    index: int,
+    out: Path,
+    *,
+    layer: int | None,
+    new_object: str | None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Edit one fact from each perspective, score both, write the transfer figure."""
+    from kloc_lens.edit import EditRequest, RomeEditor, evaluate_editor, second_moment
+    from kloc_lens.edit.plot import transfer_heatmap
+    from kloc_lens.factworld import NONE_ANSWER
+
+    out.mkdir(parents=True, exist_ok=True)
+    model, facts, corpus = _model_and_facts(model_name, facts_file)
+    fact = _pick(facts, subject, index)
+    layer = layer if layer is not None else int(model.cfg.n_layers) // 2
+    texts = corpus or [p.text for f in facts for p in f.prompts("entity")]
+    stats = second_moment(model, layer, texts, progress=progress)
+    editor = RomeEditor(layer=layer, stats=stats)
+    none = NONE_ANSWER if model_name is None else "None"
+    requests = [
+        EditRequest(fact, new_object, perspective=p, none_target=none)
+        for p in ("entity", "relation")
+    ]
+    evaluation = evaluate_editor(model, requests, editor, progress=progress)
+    figure = transfer_heatmap(evaluation.transfer())
+    path = _write(figure, out / "edit_transfer.html")
+    evaluation.to_dataframe().to_csv(out / "edit_scores.csv", index=False)
+    records = evaluation.summary().to_dict(orient="records")
+    summary = {
+        "model": model_name or "factworld",
+        "fact": fact.entity_prompt().text,
+        "old_object": fact.object,
+        "new_object": requests[0].target,
+        "layer": layer,
+        "editor": editor.name,
+        "scores": records,
+        "files": [path.name, "edit_scores.csv"],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def study(
+    model_name: str | None, facts_file: Path | None, out: Path, config: Any, *, progress: bool
+) -> Any:
+    """Run the study and write its report."""
+    from kloc_lens.factworld import NONE_ANSWER
+    from kloc_lens.study import StudyConfig, run_study
+
+    model, facts, corpus = _model_and_facts(model_name, facts_file)
+    if model_name is None:
+        config = StudyConfig(**{**config.__dict__, "none_target": NONE_ANSWER})
+    return run_study(model, facts, config, out=out, corpus=corpus, progress=progress)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kloc-lens``."""
-    parser = argparse.ArgumentParser(prog="kloc-lens", description=(__doc__ or "").split("\n\n")[0])
+    from kloc_lens.study import StudyConfig
+
+    parser = argparse.ArgumentParser(prog="kloc-lens", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_cmd = commands.add_parser("demo", help="trace the planted model's fact (main job)")
-    demo_cmd.add_argument("--out", type=Path, default=Path("out/demo"))
-    trace_cmd = commands.add_parser("trace", help="causal trace of one prompt")
-    trace_cmd.add_argument("--model", required=True, help="hub name or save_pretrained dir")
-    trace_cmd.add_argument("--prompt", required=True)
-    trace_cmd.add_argument("--subject", required=True)
-    trace_cmd.add_argument("--target", required=True)
-    trace_cmd.add_argument("--window", type=int, default=10)
+
+    def model_args(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument(
+            "--model",
+            default=None,
+            help="hub name or save_pretrained dir (default: the shipped factworld)",
+        )
+        cmd.add_argument(
+            "--facts",
+            type=Path,
+            default=None,
+            help="facts file: kloc_lens JSON or CounterFact (default: the model's)",
+        )
+
+    def fact_args(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--subject", default=None, help="the fact's subject")
+        cmd.add_argument("--index", type=int, default=0, help="the fact's index if no subject")
+
+    study_cmd = commands.add_parser("study", help="both halves of the study, with its report")
+    model_args(study_cmd)
+    study_cmd.add_argument("--out", type=Path, default=Path("out/study"))
+    defaults = StudyConfig()
+    study_cmd.add_argument("--n-trace", type=int, default=defaults.n_trace)
+    study_cmd.add_argument("--n-edit", type=int, default=defaults.n_edit)
+    study_cmd.add_argument("--window", type=int, default=None)
+    study_cmd.add_argument("--samples", type=int, default=defaults.samples)
+    study_cmd.add_argument("--seed", type=int, default=defaults.seed)
+    study_cmd.add_argument("--edit-layer", type=int, default=None)
+
+    trace_cmd = commands.add_parser("trace", help="causal trace of one fact, with its figures")
+    model_args(trace_cmd)
+    fact_args(trace_cmd)
+    trace_cmd.add_argument("--span", default="subject", choices=["subject", "relation"])
+    trace_cmd.add_argument("--window", type=int, default=None)
     trace_cmd.add_argument("--samples", type=int, default=10)
     trace_cmd.add_argument("--out", type=Path, default=Path("out/trace"))
+
+    edit_cmd = commands.add_parser("edit", help="edit one fact from both perspectives")
+    model_args(edit_cmd)
+    fact_args(edit_cmd)
+    edit_cmd.add_argument("--layer", type=int, default=None)
+    edit_cmd.add_argument("--new-object", default=None)
+    edit_cmd.add_argument("--out", type=Path, default=Path("out/edit"))
+
+    fw_cmd = commands.add_parser("factworld", help="the embedded factworld model")
+    fw_cmd.add_argument("action", choices=["build"])
+    fw_cmd.add_argument("rest", nargs=argparse.REMAINDER, help="options of the build")
+
+    demo_cmd = commands.add_parser("demo", help="trace the planted model's fact")
+    demo_cmd.add_argument("--out", type=Path, default=Path("out/demo"))
     args = parser.parse_args(argv)
+    progress = not args.no_progress
 
     from kloc_lens.errors import KlocLensError
 
     try:
+        if args.command == "factworld":
+            from kloc_lens.factworld import build_main
+
+            return build_main(args.rest)
+        if args.command == "study":
+            config = StudyConfig(
+                n_trace=args.n_trace,
+                n_edit=args.n_edit,
+                window=args.window,
+                samples=args.samples,
+                seed=args.seed,
+                edit_layer=args.edit_layer,
+            )
+            result = study(args.model, args.facts, args.out, config, progress=progress)
+            for line in _study_lines(result):
+                print(line)
+            print(f"wrote report.html, results.json and tensors/ to {args.out}")
+            return 0
+        if args.command == "edit":
+            summary = edit(
+                args.model,
+                args.facts,
+                args.subject,
+                args.index,
+                args.out,
+                layer=args.layer,
+                new_object=args.new_object,
+                progress=progress,
+            )
+            for row in summary["scores"]:
+                print(
+                    f"  {row['edited']:8s} edit  {row['metric']:20s} "
+                    f"{row['pre']:.2f} -> {row['post']:.2f}"
+                )
+            print(f"wrote {', '.join(summary['files'])} and summary.json to {args.out}")
+            return 0
         if args.command == "demo":
-            summary = demo(args.out, progress=not args.no_progress)
+            summary = demo(args.out, progress=progress)
         else:
             summary = trace(
                 args.model,
-                args.prompt,
+                args.facts,
                 args.subject,
-                args.target,
+                args.index,
                 args.out,
                 window=args.window,
                 samples=args.samples,
-                progress=not args.no_progress,
+                span=args.span,
+                progress=progress,
             )
     except KlocLensError as err:
         print(f"kloc-lens: error: {err}")
@@ -185,6 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print(f"wrote {', '.join(summary['files'])} and summary.json to {args.out}")
     return 0
+
+
+def _study_lines(result: Any) -> list[str]:
+    from kloc_lens.report import summary_text
+
+    return summary_text(result.summary())
 
 
 if __name__ == "__main__":  # pragma: no cover

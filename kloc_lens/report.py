@@ -23,7 +23,7 @@ from plotly.offline import get_plotlyjs
 
 from kloc_lens import plot
 
-__all__ = ["headline_figure", "report_figures", "write_report"]
+__all__ = ["headline_figure", "report_figures", "summary_text", "write_report"]
 
 
 def headline_figure(result: Any) -> go.Figure:
@@ -85,7 +85,8 @@ def report_figures(result: Any) -> list[tuple[str, str, go.Figure]]:
     return figures
 
 
-def _summary_text(summary: dict[str, Any]) -> list[str]:
+def summary_text(summary: dict[str, Any]) -> list[str]:
+    """The report's summary sentences, from ``StudyResult.summary()``."""
     known = summary["known_facts"]
     lines = [
         f"The model answers {known['kept']} of {known['checked']} facts from the entity "
@@ -162,7 +163,7 @@ def write_report(result: Any, out: str | Path) -> Path:
 
     body = ["<h1>kloc_lens study</h1>", f"<p>Model: <code>{html.escape(result.model)}</code></p>"]
     body.append("<h2>Summary</h2>")
-    body += [f"<p>{html.escape(line)}</p>" for line in _summary_text(summary)]
+    body += [f"<p>{html.escape(line)}</p>" for line in summary_text(summary)]
     body.append("<h2>Settings</h2>" + _table(summary["config"]))
     for key, side in summary["localization"].items():
         if side is not None:

@@ -35,18 +35,36 @@ def test_trace_command_on_a_local_checkpoint(tmp_path, capsys):
     from models import save_tiny_checkpoint
 
     save_tiny_checkpoint(tmp_path / "ckpt")
+    facts = tmp_path / "facts.json"
+    facts.write_text(
+        json.dumps(
+            {
+                "facts": [
+                    {
+                        "subject": "Edwin Hubble",
+                        "relation": "field",
+                        "object": "astronomy",
+                        "entity_template": "{subject} works in the field of",
+                    },
+                    {
+                        "subject": "Danielle Darrieux",
+                        "relation": "mother tongue",
+                        "object": "French",
+                    },
+                ]
+            }
+        )
+    )
     code = main(
         [
             "--no-progress",
             "trace",
             "--model",
             str(tmp_path / "ckpt"),
-            "--prompt",
-            "The mother tongue of Danielle Darrieux is",
+            "--facts",
+            str(facts),
             "--subject",
             "Danielle Darrieux",
-            "--target",
-            "French",
             "--window",
             "2",
             "--samples",
@@ -56,7 +74,27 @@ def test_trace_command_on_a_local_checkpoint(tmp_path, capsys):
         ]
     )
     assert code == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["prompt"] == "The mother tongue of Danielle Darrieux is"
     assert (tmp_path / "o" / "trace_trace.html").exists()
+    assert (
+        main(
+            [
+                "--no-progress",
+                "trace",
+                "--model",
+                str(tmp_path / "ckpt"),
+                "--facts",
+                str(facts),
+                "--subject",
+                "Nobody",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "no fact about subject 'Nobody'" in capsys.readouterr().out
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
@@ -66,12 +104,6 @@ def test_cli_reports_bad_input(tmp_path, capsys):
             "trace",
             "--model",
             str(tmp_path / "missing"),
-            "--prompt",
-            "x",
-            "--subject",
-            "x",
-            "--target",
-            "y",
             "--out",
             str(tmp_path / "o"),
         ]
