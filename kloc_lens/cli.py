@@ -110,10 +110,11 @@ def _model_and_facts(model_name: str | None, facts_file: Path | None) -> tuple[A
     import kloc_lens as kl
     from kloc_lens.datasets import load_facts, real_world_facts
 
-    if model_name is None:
+    if model_name is None or (Path(model_name) / "world.json").is_file():
+        # the shipped factworld, or a factworld directory written by `factworld build`
         from kloc_lens.factworld import load_factworld
 
-        model, world = load_factworld()
+        model, world = load_factworld(model_name)
         facts = load_facts(facts_file) if facts_file else list(world.facts)
         return model, facts, list(world.corpus())
     model = kl.load_model(model_name)
@@ -195,7 +196,7 @@ def edit(
     texts = corpus or [p.text for f in facts for p in f.prompts("entity")]
     stats = second_moment(model, layer, texts, progress=progress)
     editor = RomeEditor(layer=layer, stats=stats)
-    none = NONE_ANSWER if model_name is None else "None"
+    none = NONE_ANSWER if corpus is not None else "None"
     requests = [
         EditRequest(fact, new_object, perspective=p, none_target=none)
         for p in ("entity", "relation")
@@ -227,7 +228,7 @@ def study(
     from kloc_lens.study import StudyConfig, run_study
 
     model, facts, corpus = _model_and_facts(model_name, facts_file)
-    if model_name is None:
+    if corpus is not None:  # a factworld: its "no relation" answer
         config = StudyConfig(**{**config.__dict__, "none_target": NONE_ANSWER})
     return run_study(model, facts, config, out=out, corpus=corpus, progress=progress)
 
