@@ -97,17 +97,28 @@ def summary_text(summary: dict[str, Any]) -> list[str]:
         if side is None:
             lines.append(f"No fact spells its relation out in the prompt: no {key}-side trace.")
             continue
-        shares[key] = side["mlp_share"]
         lines.append(
             f"With the {side['span']} corrupted ({side['n_facts']} facts; clean p "
             f"{side['clean_p']:.3f}, corrupted p {side['corrupted_p']:.3f}), restoring MLP outputs "
             f"peaks at layer {side['mlp_peak_layer']} (AIE {side['mlp_peak_aie']:.3f}) and "
             f"attention outputs at layer {side['attn_peak_layer']} (AIE "
-            f"{side['attn_peak_aie']:.3f}) at the last {side['span']} token: an MLP share of "
-            f"{side['mlp_share']:.2f}. Severing MLP removes {100 * side['severed_mlp_drop']:.0f}% "
-            f"of the residual effect there, severing attention "
-            f"{100 * side['severed_attn_drop']:.0f}%."
+            f"{side['attn_peak_aie']:.3f}) at the last {side['span']} token; at the last token "
+            f"of the prompt, MLP at layer {side['mlp_peak_layer_last_token']} (AIE "
+            f"{side['mlp_peak_aie_last_token']:.3f}) and attention at layer "
+            f"{side['attn_peak_layer_last_token']} (AIE {side['attn_peak_aie_last_token']:.3f})."
         )
+        if side["mlp_share"] is not None:
+            shares[key] = side["mlp_share"]
+            lines.append(
+                f"At the last {side['span']} token the MLP share is {side['mlp_share']:.2f}; "
+                f"severing MLP removes {_percent(side['severed_mlp_drop'])} of the residual effect "
+                f"there, severing attention {_percent(side['severed_attn_drop'])}."
+            )
+        else:
+            lines.append(
+                f"Neither MLP nor attention restores at the last {side['span']} token carry a "
+                "measurable effect (under 1% of the total effect): no MLP share there."
+            )
     if len(shares) == 2:
         more = "more" if shares["relation"] < shares["entity"] else "less"
         lines.append(
@@ -118,6 +129,10 @@ def summary_text(summary: dict[str, Any]) -> list[str]:
     if editing and "text" in editing:
         lines.extend(editing["text"])
     return lines
+
+
+def _percent(value: float | None) -> str:
+    return "an undefined share" if value is None else f"{100 * value:.0f}%"
 
 
 def _table(rows: dict[str, Any]) -> str:
@@ -153,7 +168,7 @@ def write_report(result: Any, out: str | Path) -> Path:
     tensors = out / "tensors"
     tensors.mkdir(parents=True, exist_ok=True)
     summary = result.summary()
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     result.entity.aggregate.save(tensors / "entity_aggregate.safetensors")
     result.entity.trace.traces[0].save(tensors / "entity_example_trace.safetensors")
     if result.relation is not None:
@@ -179,7 +194,7 @@ def write_report(result: Any, out: str | Path) -> Path:
             f'data-target="fig-{fig_id}">{spec}</script></figure>'
         )
     body.append("<h2>Timings (s)</h2>" + _table(summary["timings_s"]))
-    data = json.dumps(summary).replace("</", "<\\/")
+    data = json.dumps(summary, allow_nan=False).replace("</", "<\\/")
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>kloc_lens study</title>"
         f"<style>{_STYLE}</style><script>{get_plotlyjs()}</script></head><body>"

@@ -103,6 +103,8 @@ class LocalizationSide:
         severed_mlp_drop: Fraction of the residual AIE at the span's last token (summed over
             layers) removed by severing MLP.
         severed_attn_drop: The same for severing attention.
+        mlp_peak_last: Peak MLP-window AIE at the prompt's last token, and its layer.
+        attn_peak_last: Peak attention-window AIE at the prompt's last token, and its layer.
     """
 
     perspective: str
@@ -113,6 +115,8 @@ class LocalizationSide:
     mlp_share: float
     severed_mlp_drop: float
     severed_attn_drop: float
+    mlp_peak_last: tuple[float, int]
+    attn_peak_last: tuple[float, int]
 
     @property
     def aggregate(self) -> AggregateSet:
@@ -120,8 +124,8 @@ class LocalizationSide:
         return self.trace.aggregate
 
     def summary(self) -> dict[str, Any]:
-        """The headline numbers as plain data."""
-        return {
+        """The headline numbers as plain data (undefined numbers as ``None``)."""
+        numbers = {
             "perspective": self.perspective,
             "span": self.span,
             "n_facts": len(self.trace.traces),
@@ -133,30 +137,42 @@ class LocalizationSide:
             "mlp_share": self.mlp_share,
             "severed_mlp_drop": self.severed_mlp_drop,
             "severed_attn_drop": self.severed_attn_drop,
+            "mlp_peak_aie_last_token": self.mlp_peak_last[0],
+            "mlp_peak_layer_last_token": self.mlp_peak_last[1],
+            "attn_peak_aie_last_token": self.attn_peak_last[0],
+            "attn_peak_layer_last_token": self.attn_peak_last[1],
             "clean_p": self.aggregate.traces[0].clean_score,
             "corrupted_p": self.aggregate.traces[0].corrupted_score,
         }
+        return {k: None if isinstance(v, float) and v != v else v for k, v in numbers.items()}
 
 
 def headline(aggregate: AggregateSet, span: str) -> dict[str, Any]:
     """MLP versus attention numbers of one aggregate at the last token of ``span``.
 
+    Effects below 1% of the total effect count as none: the share and the severed drops are then
+    undefined (NaN) rather than ratios of noise.
+
     Returns:
-        ``mlp_peak``/``attn_peak`` as ``(aie, layer)``, ``mlp_share``, and the severed drops.
+        ``mlp_peak``/``attn_peak`` as ``(aie, layer)``, ``mlp_share``, the severed drops, and
+        the same peaks at the prompt's last token (``mlp_peak_last``/``attn_peak_last``).
     """
     bin_name = f"last {span} token"
-    mlp = aggregate.get(TraceKind.MLP).bin(bin_name)
-    attn = aggregate.get(TraceKind.ATTN).bin(bin_name)
-    layers = aggregate.get(TraceKind.MLP).layers
-    mlp_peak = (float(mlp.max()), layers[int(mlp.argmax())])
-    attn_peak = (float(attn.max()), layers[int(attn.argmax())])
+    mlp_agg = aggregate.get(TraceKind.MLP)
+    floor = 0.01 * abs(mlp_agg.total_effect)
+
+    def peak(kind: TraceKind, name: str) -> tuple[float, int]:
+        values = aggregate.get(kind).bin(name)
+        return float(values.max()), mlp_agg.layers[int(values.argmax())]
+
+    mlp_peak, attn_peak = peak(TraceKind.MLP, bin_name), peak(TraceKind.ATTN, bin_name)
     positive = max(mlp_peak[0], 0.0) + max(attn_peak[0], 0.0)
-    share = max(mlp_peak[0], 0.0) / positive if positive > 0 else float("nan")
-    plain = aggregate.get(TraceKind.RESID).bin(bin_name).clamp(min=0).sum()
+    share = max(mlp_peak[0], 0.0) / positive if positive > floor else float("nan")
+    plain = float(aggregate.get(TraceKind.RESID).bin(bin_name).clamp(min=0).sum())
 
     def drop(component: TraceKind) -> float:
-        severed = aggregate.get(TraceKind.RESID, component).bin(bin_name).clamp(min=0).sum()
-        return float(1 - severed / plain) if plain > 0 else float("nan")
+        severed = float(aggregate.get(TraceKind.RESID, component).bin(bin_name).clamp(min=0).sum())
+        return 1 - severed / plain if plain > floor else float("nan")
 
     return {
         "mlp_peak": mlp_peak,
@@ -164,6 +180,8 @@ def headline(aggregate: AggregateSet, span: str) -> dict[str, Any]:
         "mlp_share": share,
         "severed_mlp_drop": drop(TraceKind.MLP),
         "severed_attn_drop": drop(TraceKind.ATTN),
+        "mlp_peak_last": peak(TraceKind.MLP, "last token"),
+        "attn_peak_last": peak(TraceKind.ATTN, "last token"),
     }
 
 
