@@ -2,8 +2,10 @@
 
 A metric is any callable ``logits[batch, pos, d_vocab] -> 0-d tensor``: the
 ``transformer_lens.patching`` convention, so the same function works in both libraries. The
-built-in metrics read each row at its own position (padded batches) and say which positions they
-read, so an executor may skip the others.
+built-in metrics read each row at its own position (padded batches) and declare it through
+``reads_positions`` (the :class:`ReadsPositions` protocol): a sweep then computes logits at that
+one position per row only, instead of the full-vocabulary unembedding of every position. A
+metric of your own may declare the same; one that does not declare it gets every position.
 
 Example:
     >>> import torch
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -26,10 +28,56 @@ from torch import Tensor
 from kloc_lens.errors import MetricError
 from kloc_lens.types import Logits, Scalar
 
-__all__ = ["LogitDiff", "Metric", "TargetProb", "check_metric_value", "metric_name"]
+__all__ = [
+    "LogitDiff",
+    "Metric",
+    "ReadsPositions",
+    "TargetProb",
+    "check_metric_value",
+    "metric_name",
+    "read_positions",
+]
 
 Metric = Callable[[Logits], Scalar]
 """Any callable from a batch's logits to one number (a 0-d tensor)."""
+
+
+@runtime_checkable
+class ReadsPositions(Protocol):
+    """A metric that reads the logits of exactly one position in each row.
+
+    ``reads_positions`` is that position: one int for every row or one per row, ``-1`` for the
+    last. The metric promises to read nothing else, so an executor may hand it logits that are
+    correct at those positions only (the others may hold any values).
+    """
+
+    @property
+    def reads_positions(self) -> int | Sequence[int] | Tensor: ...
+
+
+def read_positions(metric: Any, rows: int, n_pos: int) -> Int[Tensor, " batch"] | None:
+    """The position each row's score reads, if ``metric`` declares it (else ``None``).
+
+    Negative positions count from the end; every position must lie in ``0..n_pos-1``.
+
+    >>> read_positions(TargetProb(target=3, positions=-1), rows=2, n_pos=5).tolist()
+    [4, 4]
+    >>> read_positions(lambda logits: logits.sum(), rows=2, n_pos=5) is None
+    True
+
+    Raises:
+        MetricError: The declared positions do not fit the batch.
+    """
+    if not isinstance(metric, ReadsPositions):
+        return None
+    index = _as_index(metric.reads_positions, rows, "reads_positions").clone()
+    index = torch.where(index < 0, index + n_pos, index)
+    if bool(((index < 0) | (index >= n_pos)).any()):
+        raise MetricError(
+            f"metric {metric_name(metric)!r} reads positions {index.tolist()} outside "
+            f"0..{n_pos - 1}"
+        )
+    return index
 
 
 def _as_index(value: int | Sequence[int] | Tensor, rows: int, what: str) -> Int[Tensor, " batch"]:
@@ -72,6 +120,11 @@ class TargetProb:
         """Label for results."""
         return "p(target)"
 
+    @property
+    def reads_positions(self) -> int | Sequence[int] | Tensor:
+        """The one position read in each row (see :class:`ReadsPositions`)."""
+        return self.positions
+
 
 @dataclass(frozen=True)
 class LogitDiff:
@@ -98,6 +151,11 @@ class LogitDiff:
     def name(self) -> str:
         """Label for results."""
         return "logit diff"
+
+    @property
+    def reads_positions(self) -> int | Sequence[int] | Tensor:
+        """The one position read in each row (see :class:`ReadsPositions`)."""
+        return self.positions
 
 
 def metric_name(metric: Any) -> str:
