@@ -15,32 +15,13 @@ from __future__ import annotations
 
 import random
 
+from kloc_lens import planted as planted_module
 from kloc_lens.planted import PlantedFacts
 
 __all__ = ["planted_corpus"]
 
-_FILLERS = (
-    "The",
-    "the",
-    "home",
-    "of",
-    "is",
-    "relation",
-    "between",
-    "and",
-    "a",
-    "lives",
-    "in",
-    "was",
-    "born",
-    "city",
-    "where",
-    "from",
-    "to",
-    ",",
-    ".",
-)
-"""Template words of the planted vocabulary."""
+_FILLERS = planted_module._FILLERS
+"""Template words of the planted vocabulary (the planted model's own list)."""
 
 _SENTENCES = (
     "{template} {object} .",
