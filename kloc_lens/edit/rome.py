@@ -55,11 +55,11 @@ from kloc_lens.edit.keys import ContextSpec, KeyToken, compute_key, generate_con
 from kloc_lens.edit.projection import Projection
 from kloc_lens.edit.request import EditRequest
 from kloc_lens.edit.stats import SecondMoment
-from kloc_lens.edit.value import ValueFit, ValueSpec, fit_value, kl_prompts
+from kloc_lens.edit.value import Spread, ValueFit, ValueSpec, fit_value, kl_prompts
 from kloc_lens.facts import Perspective
 from kloc_lens.model import check_model, model_identity
 
-__all__ = ["IDENTITY", "RankOneEdit", "RomeEditor", "solve_direction"]
+__all__ = ["IDENTITY", "RankOneEdit", "RomeEditor", "rank_one_spread", "solve_direction"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,39 @@ def solve_direction(
     return solved.to(key.dtype)
 
 
+def rank_one_spread(
+    model: Any,
+    layer: int,
+    projection: Projection,
+    key: Float[Tensor, " d_in"],
+    direction: Float[Tensor, " d_in"],
+) -> Spread:
+    """The factors ``(k . u) / (u . k*)`` a rank-one update applies to its value change at
+    every token, as a :data:`~kloc_lens.edit.value.Spread` for :func:`fit_value`.
+
+    The keys of the edited layer do not depend on the edit (they are read before its output),
+    so one unedited forward pass up to ``layer`` gives the exact factors.
+    """
+    scale = direction @ key
+
+    def spread(tokens: Tensor) -> Tensor:
+        seen: list[Tensor] = []
+
+        def capture(activation: Tensor, hook: Any) -> None:
+            seen.append(activation.detach())
+
+        with torch.no_grad():
+            model.run_with_hooks(
+                tokens,
+                fwd_hooks=[(projection.key_hook(layer), capture)],
+                stop_at_layer=layer + 1,
+            )
+        keys = seen[-1].reshape(*tokens.shape, -1).float()
+        return (keys @ direction.to(keys.device)) / scale
+
+    return spread
+
+
 def _one_request(requests: EditRequest | Sequence[EditRequest]) -> EditRequest:
     if isinstance(requests, EditRequest):
         return requests
@@ -169,6 +202,10 @@ class RomeEditor:
         stats: Key statistics of ``layer`` and ``projection`` on this model; ``None`` falls back
             to the identity (recorded in the edit's ``stats_used``).
         ridge: Ridge added to the statistics before solving, relative to their mean eigenvalue.
+        exact_fit: Fit the value through the update itself: the change at every token is
+            ``(k . u) / (u . k*)`` times the fitted change, as the committed edit makes it
+            (:func:`rank_one_spread`). ``False`` is ROME's fit, at the key token only, which
+            ignores the update's spill onto the other tokens of the prompt.
     """
 
     layer: int
@@ -178,6 +215,7 @@ class RomeEditor:
     value: ValueSpec = field(default_factory=ValueSpec)
     stats: SecondMoment | None = None
     ridge: float = 1e-4
+    exact_fit: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "projection", choice(Projection, self.projection, "projection"))
@@ -224,15 +262,6 @@ class RomeEditor:
             key_token=key_token,
             contexts=contexts,
         )
-        fit = fit_value(
-            model,
-            objectives,
-            kl_prompts(request, key_token, self.value.kl_templates),
-            hook_name=projection.output_hook(self.layer),
-            key_token=key_token,
-            contexts=contexts,
-            spec=self.value,
-        )
         if not bool(key.norm() > 0):
             raise EditError(
                 f"the key of {request.fact.subject!r} is zero at layer {self.layer} "
@@ -247,6 +276,18 @@ class RomeEditor:
                 f"the key of {request.fact.subject!r} at layer {self.layer} is zero or "
                 "orthogonal to C^-1 k*; choose another layer or key token"
             )
+        fit = fit_value(
+            model,
+            objectives,
+            kl_prompts(request, key_token, self.value.kl_templates),
+            hook_name=projection.output_hook(self.layer),
+            key_token=key_token,
+            contexts=contexts,
+            spec=self.value,
+            spread=rank_one_spread(model, self.layer, projection, key, direction)
+            if self.exact_fit
+            else None,
+        )
         return RankOneEdit(
             model=model_identity(model),
             layer=self.layer,

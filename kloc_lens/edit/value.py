@@ -35,7 +35,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,10 @@ from kloc_lens.edit.keys import KeyToken, key_position, with_context
 from kloc_lens.edit.request import EditRequest, Objective
 from kloc_lens.facts import Prompt, format_template, tokenize
 
-__all__ = ["ValueFit", "ValueSpec", "fit_value", "frozen", "kl_prompts"]
+__all__ = ["Spread", "ValueFit", "ValueSpec", "fit_value", "frozen", "kl_prompts"]
+
+Spread = Callable[[Tensor], Tensor]
+"""Token ids ``[batch, pos]`` -> the factor of the value change at each position."""
 
 _DEFAULT_KL = {
     KeyToken.SUBJECT_LAST: ("{subject} is a",),
@@ -108,6 +111,8 @@ class ValueFit:
         kl: Its KL term (before weighting).
         updates: How many Adam steps were taken.
         stopped_early: Whether the loss fell below ``stop_loss``.
+        spread: Whether the change was fitted through a spread over all tokens (``False``: at
+            the key token only).
     """
 
     hook: str
@@ -119,6 +124,7 @@ class ValueFit:
     kl: tuple[float, ...]
     updates: int
     stopped_early: bool
+    spread: bool = False
 
     @property
     def final_loss(self) -> float:
@@ -210,6 +216,7 @@ def fit_value(
     key_token: KeyToken | str = KeyToken.SUBJECT_LAST,
     contexts: Sequence[str] = ("",),
     spec: ValueSpec | None = None,
+    spread: Spread | None = None,
 ) -> ValueFit:
     """Optimise the change added at ``hook_name``'s key token so the objectives are met.
 
@@ -222,6 +229,11 @@ def fit_value(
         key_token: The token the change is added at, in every prompt.
         contexts: Prefixes of the objective prompts (``""`` is the bare prompt).
         spec: Hyperparameters (default :class:`ValueSpec()`).
+        spread: How much of the change reaches each token: given the batch's token ids
+            ``[batch, pos]``, the factor of ``delta`` at every position. ``None``: ``delta`` at
+            the key token only (ROME). :class:`~kloc_lens.edit.rome.RomeEditor` passes the
+            factors ``(k . u) / (u . k*)`` its committed rank-one update will apply, so the fit
+            sees exactly what the edit does, spill onto other tokens included.
 
     Returns:
         The change and its loss history.
@@ -252,6 +264,14 @@ def fit_value(
     key_mask = torch.zeros(n_sequences, width, device=device)
     key_index = torch.tensor([key for _, key in unique], device=device)
     key_mask[torch.arange(n_sequences, device=device), key_index] = 1.0
+    if spread is not None:
+        factors = spread(batch.tokens).detach().to(device=device, dtype=torch.float32)
+        if factors.shape != key_mask.shape:
+            raise EditError(
+                f"spread returned factors of shape {tuple(factors.shape)} for a batch of shape "
+                f"{tuple(key_mask.shape)}"
+            )
+        key_mask = factors
     rewrite_index = torch.tensor(sorted({sequence_of[i] for i in rewrite}), device=device)
 
     flat_rows: list[int] = []
@@ -354,4 +374,5 @@ def fit_value(
         kl=tuple(kls),
         updates=updates,
         stopped_early=stopped,
+        spread=spread is not None,
     )

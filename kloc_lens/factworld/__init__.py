@@ -11,7 +11,8 @@ the world is generated, every fact the model knows is known exactly.
   paraphrases, :class:`~kloc_lens.facts.Fact` objects, neighbors, a text corpus);
 - :mod:`~kloc_lens.factworld.tokenizer`: its tokenizer;
 - :mod:`~kloc_lens.factworld.train`: the model, the curriculum and first-token accuracy;
-- :mod:`~kloc_lens.factworld.build`: build from scratch, save, load the shipped model.
+- :mod:`~kloc_lens.factworld.build`: build from scratch, save, load the shipped model;
+- :mod:`~kloc_lens.factworld.editing`: the ROME settings that edit the shipped model.
 
 Example::
 
@@ -30,6 +31,13 @@ from kloc_lens.factworld.build import (
     build_main,
     factworld_path,
     load_factworld,
+)
+from kloc_lens.factworld.editing import (
+    EDIT_CONTEXTS,
+    EDIT_KEY_TOKEN,
+    EDIT_LAYER,
+    EDIT_VALUE,
+    rome_editor,
 )
 from kloc_lens.factworld.tokenizer import build_tokenizer, check_tokenizer
 from kloc_lens.factworld.train import (
@@ -56,6 +64,10 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_TRAIN",
     "DEFAULT_WORLD",
+    "EDIT_CONTEXTS",
+    "EDIT_KEY_TOKEN",
+    "EDIT_LAYER",
+    "EDIT_VALUE",
     "NONE_ANSWER",
     "SHIPPED_SEED",
     "Accuracy",
@@ -77,5 +89,6 @@ __all__ = [
     "generate_world",
     "load_factworld",
     "make_model",
+    "rome_editor",
     "train",
 ]

@@ -1,0 +1,90 @@
+"""Editing the shipped factworld model: the issue's bar (50 entity edits) and the exact fit."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from kloc_lens.edit import EditRequest, ValueSpec, evaluate_editor, fit_value
+from kloc_lens.edit.value import kl_prompts
+from kloc_lens.factworld import NONE_ANSWER, load_factworld, rome_editor
+
+N_FACTS = 50
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_factworld()
+
+
+def _requests(world, n: int, seed: int = 0) -> list[EditRequest]:
+    facts = [fact for fact in world.facts if fact.new_object]
+    random.Random(seed).shuffle(facts)
+    return [
+        EditRequest(fact, neighbors=world.neighbors(fact, 10), none_target=NONE_ANSWER)
+        for fact in facts[:n]
+    ]
+
+
+def test_entity_edits_flip_95_percent_and_keep_90_percent_of_neighbors(shipped) -> None:
+    model, world = shipped
+    requests = _requests(world, N_FACTS)
+    assert len({r.fact.relation for r in requests}) == 8  # every relation is represented
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    evaluation = evaluate_editor(model, requests, rome_editor(model, world), progress=False)
+    summary = evaluation.summary().set_index("metric")
+    print(summary[["n_facts", "n_prompts", "pre", "post"]].to_string())
+    efficacy, neighborhood = summary.loc["efficacy"], summary.loc["neighborhood"]
+    assert efficacy["n_facts"] == N_FACTS and efficacy["n_prompts"] == N_FACTS
+    assert neighborhood["n_prompts"] >= 5 * N_FACTS
+    # The model knows every old fact: no new object wins before the edit.
+    assert efficacy["pre"] == 0.0
+    assert efficacy["post"] >= 0.95
+    assert neighborhood["post"] >= 0.90
+    # Edits were applied as hooks: the model's weights are untouched.
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_the_exact_fit_is_what_the_committed_edit_does(shipped, exact: bool) -> None:
+    """With ``exact_fit`` the value is fitted through the rank-one map itself, so the loss the
+    fit reports is the loss of the committed edit; ROME's fit (at the key token only) is not."""
+    model, world = shipped
+    fact = next(fact for fact in world.facts if fact.new_object)
+    request = EditRequest(fact, none_target=NONE_ANSWER)
+    # ROME's own site, the subject's last token, where the spill onto the prompt's last token
+    # (the lookup) matters most.
+    editor = rome_editor(model, world, layer=0, key_token="subject_last", exact_fit=exact)
+    edit = editor.compute(model, request)
+    fit = edit.fit
+    assert fit.spread is exact
+    reported = fit.nll[-1] + editor.value.decrease_weight * fit.unlikelihood[-1]
+    with edit.commit(model):
+        again = fit_value(
+            model,
+            request.objectives(),
+            kl_prompts(request, edit.key_token),
+            hook_name=fit.hook,
+            key_token=edit.key_token,
+            contexts=edit.contexts,
+            spec=ValueSpec(steps=0, stop_loss=0.0),
+        )
+    measured = again.nll[0] + editor.value.decrease_weight * again.unlikelihood[0]
+    print(f"exact_fit={exact}: fit reports {reported:.4f}, the committed edit gives {measured:.4f}")
+    if exact:
+        assert measured == pytest.approx(reported, rel=1e-3, abs=1e-4)
+    else:
+        # The update's spill onto the prompt's other tokens changes the outcome.
+        assert measured > reported + 1.0
