@@ -187,15 +187,32 @@ def edit(
     """Edit one fact from each perspective, score both, write the transfer figure."""
     from kloc_lens.edit import EditRequest, RomeEditor, evaluate_editor, second_moment
     from kloc_lens.edit.plot import transfer_heatmap
-    from kloc_lens.factworld import NONE_ANSWER
+    from kloc_lens.factworld import (
+        EDIT_CONTEXTS,
+        EDIT_KEY_TOKEN,
+        EDIT_LAYER,
+        EDIT_VALUE,
+        NONE_ANSWER,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     model, facts, corpus = _model_and_facts(model_name, facts_file)
     fact = _pick(facts, subject, index)
-    layer = layer if layer is not None else int(model.cfg.n_layers) // 2
-    texts = corpus or [p.text for f in facts for p in f.prompts("entity")]
-    stats = second_moment(model, layer, texts, progress=progress)
-    editor = RomeEditor(layer=layer, stats=stats)
+    if corpus is not None:  # a factworld: the settings that edit it (kloc_lens.factworld.editing)
+        layer = layer if layer is not None else min(EDIT_LAYER, int(model.cfg.n_layers) - 1)
+        stats = second_moment(model, layer, corpus, progress=progress)
+        editor = RomeEditor(
+            layer=layer,
+            stats=stats,
+            key_token=EDIT_KEY_TOKEN,
+            contexts=EDIT_CONTEXTS,
+            value=EDIT_VALUE,
+        )
+    else:
+        layer = layer if layer is not None else int(model.cfg.n_layers) // 2
+        texts = [p.text for f in facts for p in f.prompts("entity")]
+        stats = second_moment(model, layer, texts, progress=progress)
+        editor = RomeEditor(layer=layer, stats=stats)
     none = NONE_ANSWER if corpus is not None else "None"
     requests = [
         EditRequest(fact, new_object, perspective=p, none_target=none)
@@ -224,12 +241,15 @@ def study(
     model_name: str | None, facts_file: Path | None, out: Path, config: Any, *, progress: bool
 ) -> Any:
     """Run the study and write its report."""
-    from kloc_lens.factworld import NONE_ANSWER
+    from kloc_lens.factworld import EDIT_CONTEXTS, NONE_ANSWER
     from kloc_lens.study import StudyConfig, run_study
 
     model, facts, corpus = _model_and_facts(model_name, facts_file)
     if corpus is not None:  # a factworld: its "no relation" answer
-        config = StudyConfig(**{**config.__dict__, "none_target": NONE_ANSWER})
+        settings: dict[str, Any] = {"none_target": NONE_ANSWER}
+        if config.edit_contexts == StudyConfig().edit_contexts:
+            settings["edit_contexts"] = EDIT_CONTEXTS.count  # its own samples are out of domain
+        config = StudyConfig(**{**config.__dict__, **settings})
     return run_study(model, facts, config, out=out, corpus=corpus, progress=progress)
 
 
@@ -268,6 +288,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     study_cmd.add_argument("--samples", type=int, default=defaults.samples)
     study_cmd.add_argument("--seed", type=int, default=defaults.seed)
     study_cmd.add_argument("--edit-layer", type=int, default=None)
+    study_cmd.add_argument(
+        "--edit-token",
+        default=None,
+        choices=["subject_last", "last", "relation_last"],
+        help="where edits read keys (default: where the entity trace's MLP effect peaks)",
+    )
+    study_cmd.add_argument("--edit-steps", type=int, default=defaults.edit_steps)
+    study_cmd.add_argument(
+        "--edit-contexts",
+        type=int,
+        default=defaults.edit_contexts,
+        help="generated contexts per length for keys (factworld: 0 unless given)",
+    )
 
     trace_cmd = commands.add_parser("trace", help="causal trace of one fact, with its figures")
     model_args(trace_cmd)
@@ -308,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 samples=args.samples,
                 seed=args.seed,
                 edit_layer=args.edit_layer,
+                edit_token=args.edit_token,
+                edit_steps=args.edit_steps,
+                edit_contexts=args.edit_contexts,
             )
             result = study(args.model, args.facts, args.out, config, progress=progress)
             for line in _study_lines(result):

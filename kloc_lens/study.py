@@ -46,6 +46,7 @@ __all__ = [
     "StudyError",
     "StudyResult",
     "edit_half",
+    "edit_site",
     "headline",
     "run_study",
 ]
@@ -68,7 +69,18 @@ class StudyConfig:
         samples: Noise samples per trace.
         noise_factor: Noise scale in standard deviations of the span's token embeddings.
         seed: Seed of the fact sampling and of the noise.
-        edit_layer: Layer edited; ``None`` takes the layer where the entity-side MLP AIE peaks.
+        edit_layer: Layer edited; ``None`` takes the layer where the entity-side MLP AIE peaks
+            at the edit token.
+        edit_token: Where edits read their key and write their value: ``"subject_last"``
+            (ROME), ``"last"`` (the prompt's last token), ``"relation_last"``; ``None`` takes
+            the one of the subject's last token and the prompt's last token where the
+            entity-side MLP AIE peaks higher (edit where the trace finds the lookup).
+        edit_steps: Cap on the value fit's steps. ROME's 20 were tuned on GPT-2 XL and stop
+            short on small models; the fit stops as soon as its loss is met, so a higher cap
+            only costs where it is needed.
+        edit_contexts: Generated contexts per length that keys are averaged over (ROME: 10);
+            0 reads keys from the bare prompt only (for models trained on single sentences,
+            like factworld, whose own samples are out of their distribution).
         none_target: The relation-perspective answer meaning "no relation" (the study's
             ``"None"``).
     """
@@ -80,6 +92,9 @@ class StudyConfig:
     noise_factor: float = 3.0
     seed: int = 0
     edit_layer: int | None = None
+    edit_token: str | None = None
+    edit_steps: int = 100
+    edit_contexts: int = 10
     none_target: str = "None"
 
     def window_for(self, n_layers: int) -> int:
@@ -239,6 +254,7 @@ class EditingHalf:
         layer: The edited layer.
         editor: The editor's label.
         statistics: How the key statistics were obtained.
+        key_token: Where keys were read and values written.
     """
 
     evaluation: Any
@@ -246,6 +262,7 @@ class EditingHalf:
     layer: int
     editor: str
     statistics: str
+    key_token: str = "subject_last"
 
     def summary(self) -> dict[str, Any]:
         """The numbers as plain data (with ``text``: the report's sentences)."""
@@ -253,7 +270,8 @@ class EditingHalf:
         entity_on_relation = float(post[0, 1] - pre[0, 1])
         relation_on_entity = float(post[1, 0] - pre[1, 0])
         text = [
-            f"{self.editor} ({self.statistics}): entity edits reach "
+            f"{self.editor} at the {self.key_token.replace('_', ' ')} token "
+            f"({self.statistics}): entity edits reach "
             f"{_pct(post[0, 0])} efficacy (from {_pct(pre[0, 0])}) and move the relation-side "
             f"success by {100 * entity_on_relation:+.1f} points; relation edits reach "
             f"{_pct(post[1, 1])} relation-side success (from {_pct(pre[1, 1])}) and move entity "
@@ -262,6 +280,7 @@ class EditingHalf:
         return {
             "layer": self.layer,
             "editor": self.editor,
+            "key_token": self.key_token,
             "statistics": self.statistics,
             "perspectives": [p.value for p in self.transfer.perspectives],
             "metrics": [m.value for m in self.transfer.metrics],
@@ -322,6 +341,7 @@ def edit_half(
     config: StudyConfig,
     layer: int,
     *,
+    key_token: str = "subject_last",
     corpus: Sequence[str] | None = None,
     progress: bool = True,
 ) -> EditingHalf:
@@ -330,15 +350,24 @@ def edit_half(
     Args:
         model: The hooked model (never changed: edits are applied as hooks).
         facts: Known facts; those with a ``new_object`` are candidates.
-        config: Settings (``n_edit``, ``seed``, ``none_target``).
+        config: Settings (``n_edit``, ``seed``, ``none_target``, ``edit_steps``,
+            ``edit_contexts``).
         layer: The edited layer.
+        key_token: Where keys are read and values written (see :class:`StudyConfig`).
         corpus: Texts for the key statistics; default: the facts' own prompts.
         progress: Show progress bars.
 
     Raises:
         StudyError: No fact has a new object.
     """
-    from kloc_lens.edit import EditRequest, RomeEditor, evaluate_editor, second_moment
+    from kloc_lens.edit import (
+        ContextSpec,
+        EditRequest,
+        RomeEditor,
+        ValueSpec,
+        evaluate_editor,
+        second_moment,
+    )
 
     candidates = [f for f in facts if f.new_object]
     if not candidates:
@@ -350,7 +379,13 @@ def edit_half(
         else [p.text for f in facts for p in (*f.prompts("entity"), *f.prompts("relation"))]
     )
     stats = second_moment(model, layer, texts, progress=progress)
-    editor = RomeEditor(layer=layer, stats=stats)
+    editor = RomeEditor(
+        layer=layer,
+        stats=stats,
+        key_token=key_token,
+        contexts=ContextSpec(count=config.edit_contexts),
+        value=ValueSpec(steps=config.edit_steps),
+    )
     requests = []
     for fact in chosen:
         neighbors = tuple(
@@ -374,8 +409,32 @@ def edit_half(
         transfer=evaluation.transfer(),
         layer=layer,
         editor=editor.name,
+        key_token=key_token,
         statistics=f"key statistics over {len(texts)} texts of {source}",
     )
+
+
+def edit_site(
+    config: StudyConfig, subject_peak: tuple[float, int], last_peak: tuple[float, int]
+) -> tuple[str, int]:
+    """The key token and layer the editing half edits, from the settings or the entity trace.
+
+    Args:
+        config: The settings (``edit_token``, ``edit_layer``).
+        subject_peak: The entity-side MLP AIE peak at the subject's last token, and its layer.
+        last_peak: The same at the prompt's last token.
+
+    Without ``config.edit_token``, the token is the subject's last token or the prompt's last
+    token, whichever has the higher peak (ties: the subject's, as ROME); without
+    ``config.edit_layer``, the layer is that peak's (the subject's for other tokens).
+    """
+    peaks = {"subject_last": subject_peak, "last": last_peak}
+    token = config.edit_token
+    if token is None:
+        token = "last" if peaks["last"][0] > peaks["subject_last"][0] else "subject_last"
+    if config.edit_layer is not None:
+        return token, config.edit_layer
+    return token, peaks.get(token, subject_peak)[1]
 
 
 def _sample(facts: Sequence[Fact], n: int, seed: int) -> list[Fact]:
@@ -470,8 +529,10 @@ def run_study(
     edit_result = None
     if edit and config.n_edit > 0:
         start = time.perf_counter()
-        layer = config.edit_layer if config.edit_layer is not None else entity.mlp_peak[1]
-        edit_result = edit_half(model, known.facts, config, layer, corpus=corpus, progress=progress)
+        token, layer = edit_site(config, entity.mlp_peak, entity.mlp_peak_last)
+        edit_result = edit_half(
+            model, known.facts, config, layer, key_token=token, corpus=corpus, progress=progress
+        )
         timings["edit"] = time.perf_counter() - start
     result = StudyResult(
         model=model_identity(model),

@@ -179,3 +179,15 @@ def test_report_renders_in_a_headless_browser(study, tmp_path):
     rendered = re.findall(r'<div id="fig-([\w-]+)" class="kloc-plot[^"]*js-plotly-plot', dom)
     assert rendered == [f[0] for f in report_figures(result)]
     assert dom.count('class="main-svg"') >= len(rendered)
+
+
+def test_edit_site_follows_the_entity_trace_unless_set() -> None:
+    from kloc_lens.study import StudyConfig, edit_site
+
+    subject_wins = ((0.20, 5), (0.05, 9))
+    last_wins = ((0.01, 1), (0.30, 3))
+    assert edit_site(StudyConfig(), *subject_wins) == ("subject_last", 5)
+    assert edit_site(StudyConfig(), *last_wins) == ("last", 3)
+    assert edit_site(StudyConfig(edit_token="subject_last"), *last_wins) == ("subject_last", 1)
+    assert edit_site(StudyConfig(edit_layer=0), *last_wins) == ("last", 0)
+    assert edit_site(StudyConfig(edit_token="relation_last"), *last_wins) == ("relation_last", 1)

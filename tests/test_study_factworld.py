@@ -74,6 +74,13 @@ def test_study_command_on_a_tiny_factworld(tiny_world, tmp_path, capsys):
     assert results["localization"]["relation"]["span"] == "relation"
     assert results["editing"]["counts"] == [2, 2]
     side = results["localization"]["entity"]
+    # The editing half edits where the entity trace's MLP effect peaks, with factworld's
+    # bare-prompt keys.
+    last_wins = side["mlp_peak_aie_last_token"] > side["mlp_peak_aie"]
+    assert results["editing"]["key_token"] == ("last" if last_wins else "subject_last")
+    layer_key = "mlp_peak_layer_last_token" if last_wins else "mlp_peak_layer"
+    assert results["editing"]["layer"] == side[layer_key]
+    assert results["config"]["edit_contexts"] == 0
     assert f"(AIE {side['mlp_peak_aie']:.3f})" in page
     assert "The model answers" in capsys.readouterr().out
 
