@@ -18,6 +18,7 @@ The public API, by concept:
 - figures and views: :mod:`kloc_lens.plot`, :mod:`kloc_lens.vis`
 """
 
+from kloc_lens._engine import Precision
 from kloc_lens.corrupt import (
     CorruptedInput,
     Corruption,
@@ -108,6 +109,7 @@ __all__ = [
     "ModelError",
     "PatchResult",
     "Perspective",
+    "Precision",
     "Prompt",
     "PromptBatch",
     "RankOneEdit",

@@ -793,7 +793,11 @@ def execute(
         )
     if batch_size is not None and batch_size < 1:
         raise SweepError(f"batch_size must be >= 1, got {batch_size}")
-    precision = Precision(precision)
+    try:
+        precision = Precision(precision)
+    except ValueError:
+        choices = ", ".join(repr(p.value) for p in Precision)
+        raise SweepError(f"precision must be one of {choices}, got {precision!r}") from None
     device = _device_of(model)
     memory_budget = _budget(memory_budget, device)
     needed: dict[Source, set[str]] = {Source.CLEAN: set(), Source.CORRUPTED: set()}

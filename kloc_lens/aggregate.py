@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kloc_lens._engine import Precision
 from kloc_lens.corrupt import Corruption, GaussianNoise
 from kloc_lens.errors import ResultError, SpanError
 from kloc_lens.facts import TokenizedPrompt
@@ -176,6 +177,7 @@ def trace_dataset(
     samples: int = 10,
     seed: int = 0,
     batch_size: int | None = None,
+    precision: Precision | str = Precision.FP32,
     progress: bool = True,
 ) -> DatasetTrace:
     """Trace every prompt with ``span`` corrupted and aggregate the indirect effects.
@@ -192,6 +194,7 @@ def trace_dataset(
         samples: Noise samples for the default corruption.
         seed: Noise seed for the default corruption.
         batch_size: Configurations per forward pass.
+        precision: Arithmetic of the patched passes (see :func:`causal_trace`).
         progress: Show a progress bar over facts.
     """
     if not prompts:
@@ -213,6 +216,7 @@ def trace_dataset(
             sever=sever,
             window=window,
             batch_size=batch_size,
+            precision=precision,
             progress=False,
         )
         for prompt in tqdm(prompts, desc=f"tracing ({span} corrupted)", disable=not progress)

@@ -523,3 +523,26 @@ def test_shortcuts_off_runs_everything_plain(tiny):
     assert off.stats.plain == len(configs) and off.stats.fallback == "shortcuts=False"
     assert on.stats.plain == 0
     torch.testing.assert_close(on.values, off.values, atol=TOL, rtol=0)
+
+
+def test_public_sweeps_pass_precision_through(tiny):
+    """``precision`` reaches the engine from activation_patching and causal_trace."""
+    prompt = kl.tokenize(tiny, FACT.entity_prompt())
+    noise = kl.GaussianNoise(scale=0.5, samples=3, seed=0)
+    metric = kl.TargetProb(kl.target_token_ids(tiny, prompt.prompt)[0], len(prompt) - 1)
+    full = kl.activation_patching(tiny, prompt, noise, metric, site="mlp_out", progress=False)
+    half = kl.activation_patching(
+        tiny, prompt, noise, metric, site="mlp_out", precision="bf16", progress=False
+    )
+    assert not torch.equal(full.values, half.values)
+    torch.testing.assert_close(half.values, full.values, atol=2e-2, rtol=0)
+    traced = kl.causal_trace(tiny, prompt, corruption=noise, window=1, progress=False)
+    traced_half = kl.causal_trace(
+        tiny, prompt, corruption=noise, window=1, precision=kl.Precision.BF16, progress=False
+    )
+    for kind in ("resid", "mlp", "attn"):
+        a, b = traced.get(kind).values, traced_half.get(kind).values
+        assert not torch.equal(a, b)
+        torch.testing.assert_close(b, a, atol=2e-2, rtol=0)
+    with pytest.raises(kl.SweepError, match="precision must be one of .*'fp32'.*got 'fp64'"):
+        kl.activation_patching(tiny, prompt, noise, metric, precision="fp64", progress=False)
