@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from kloc_lens.edit import EditRequest, ValueSpec, evaluate_editor, fit_value
+from kloc_lens.edit import EditRequest, ValueSpec, evaluate_edit, evaluate_editor, fit_value
 from kloc_lens.edit.value import kl_prompts
 from kloc_lens.factworld import NONE_ANSWER, load_factworld, rome_editor
 
@@ -88,3 +88,20 @@ def test_the_exact_fit_is_what_the_committed_edit_does(shipped, exact: bool) -> 
     else:
         # The update's spill onto the prompt's other tokens changes the outcome.
         assert measured > reported + 1.0
+
+
+def test_neighborhood_falls_back_to_the_facts_own_prompts(shipped) -> None:
+    """Without neighbor facts, the fact's CounterFact-style ``neighborhood_prompts`` are scored
+    (the old object against the new one), and with neighbors only those are."""
+    model, world = shipped
+    fact = next(fact for fact in world.facts if fact.new_object)
+    assert len(fact.neighborhood_prompts) == 10
+    edit = rome_editor(model, world).compute(model, EditRequest(fact, none_target=NONE_ANSWER))
+    own = evaluate_edit(model, edit, EditRequest(fact, none_target=NONE_ANSWER))
+    score = own.facts[0].score("neighborhood")
+    assert score.n_prompts == 10
+    assert score.pre == 1.0  # the model answers each neighbor's (old) object
+    given = evaluate_edit(
+        model, edit, EditRequest(fact, neighbors=world.neighbors(fact, 3), none_target=NONE_ANSWER)
+    )
+    assert given.facts[0].score("neighborhood").n_prompts == 3

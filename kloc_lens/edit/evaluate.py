@@ -311,6 +311,9 @@ def _comparisons(request: EditRequest) -> list[_Comparison]:
         items.append((EditMetric.PARAPHRASE, fact.entity_prompt(template), new, fact.object))
     for neighbor in request.neighbors:
         items.append((EditMetric.NEIGHBORHOOD, neighbor.entity_prompt(), neighbor.object, new))
+    if not request.neighbors:  # CounterFact's own: other subjects whose answer is the old object
+        for text in fact.neighborhood_prompts:
+            items.append((EditMetric.NEIGHBORHOOD, Prompt(text, fact.object, {}), fact.object, new))
     items.append((EditMetric.RELATION_ADD, request.add_prompt(), fact.relation, none))
     for template in fact.relation_paraphrases:
         prompt = fact.relation_prompt(template, object=new)

@@ -61,7 +61,8 @@ class EditRequest:
         prompt: The entity prompt to edit on, if not ``fact.entity_prompt()``; a plain string
             must contain the subject.
         neighbors: Facts about other subjects with the same old object (evaluation only:
-            neighbourhood specificity).
+            neighbourhood specificity); none given, the fact's ``neighborhood_prompts`` (as
+            CounterFact ships them) are scored instead.
         none_target: The relation-perspective answer meaning "no relation" (the study's
             ``"None"``).
 
