@@ -14,11 +14,11 @@ from pathlib import Path
 
 from kloc_lens import plot, vis
 from kloc_lens.cli import study
-from kloc_lens.study import StudyConfig
 
 MODEL = os.environ.get("KLOC_MODEL")  # None: the shipped factworld
 out = Path(tempfile.mkdtemp(prefix="kloc-study-"))
-result = study(MODEL, None, out, StudyConfig(n_trace=4, n_edit=1, samples=5), progress=False)
+# StudyConfig fields; those not given take the defaults (on factworld, its own editing settings)
+result = study(MODEL, None, out, {"n_trace": 4, "n_edit": 1, "samples": 5}, progress=False)
 model = result.model  # the model's identity
 print(result.summary()["localization"]["entity"])
 print(f"report: {out / 'report.html'}")

@@ -238,18 +238,33 @@ def edit(
 
 
 def study(
-    model_name: str | None, facts_file: Path | None, out: Path, config: Any, *, progress: bool
+    model_name: str | None,
+    facts_file: Path | None,
+    out: Path,
+    options: dict[str, Any],
+    *,
+    progress: bool,
 ) -> Any:
-    """Run the study and write its report."""
-    from kloc_lens.factworld import EDIT_CONTEXTS, NONE_ANSWER
+    """Run the study and write its report.
+
+    ``options`` are :class:`~kloc_lens.study.StudyConfig` fields; those left ``None`` take the
+    defaults, on a factworld its own: the "no relation" answer, bare-prompt keys and the edit
+    layer of :mod:`kloc_lens.factworld.editing`.
+    """
+    from kloc_lens.factworld import EDIT_CONTEXTS, EDIT_LAYER, NONE_ANSWER
     from kloc_lens.study import StudyConfig, run_study
 
     model, facts, corpus = _model_and_facts(model_name, facts_file)
-    if corpus is not None:  # a factworld: its "no relation" answer
-        settings: dict[str, Any] = {"none_target": NONE_ANSWER}
-        if config.edit_contexts == StudyConfig().edit_contexts:
-            settings["edit_contexts"] = EDIT_CONTEXTS.count  # its own samples are out of domain
-        config = StudyConfig(**{**config.__dict__, **settings})
+    given = {key: value for key, value in options.items() if value is not None}
+    if corpus is not None:
+        n_layers = int(model.cfg.n_layers)
+        given = {
+            "none_target": NONE_ANSWER,
+            "edit_contexts": EDIT_CONTEXTS.count,  # its own samples are out of its domain
+            "edit_layer": min(EDIT_LAYER, n_layers - 1),
+            **given,
+        }
+    config = StudyConfig(**given)
     return run_study(model, facts, config, out=out, corpus=corpus, progress=progress)
 
 
@@ -287,7 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     study_cmd.add_argument("--window", type=int, default=None)
     study_cmd.add_argument("--samples", type=int, default=defaults.samples)
     study_cmd.add_argument("--seed", type=int, default=defaults.seed)
-    study_cmd.add_argument("--edit-layer", type=int, default=None)
+    study_cmd.add_argument(
+        "--edit-layer",
+        type=int,
+        default=None,
+        help="default: the entity trace's MLP peak (factworld: its editing layer)",
+    )
     study_cmd.add_argument(
         "--edit-token",
         default=None,
@@ -298,8 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     study_cmd.add_argument(
         "--edit-contexts",
         type=int,
-        default=defaults.edit_contexts,
-        help="generated contexts per length for keys (factworld: 0 unless given)",
+        default=None,
+        help=f"generated contexts per length for keys (default {defaults.edit_contexts}; "
+        "factworld: 0)",
     )
 
     trace_cmd = commands.add_parser("trace", help="causal trace of one fact, with its figures")
@@ -334,18 +355,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return build_main(args.rest)
         if args.command == "study":
-            config = StudyConfig(
-                n_trace=args.n_trace,
-                n_edit=args.n_edit,
-                window=args.window,
-                samples=args.samples,
-                seed=args.seed,
-                edit_layer=args.edit_layer,
-                edit_token=args.edit_token,
-                edit_steps=args.edit_steps,
-                edit_contexts=args.edit_contexts,
-            )
-            result = study(args.model, args.facts, args.out, config, progress=progress)
+            options = {
+                "n_trace": args.n_trace,
+                "n_edit": args.n_edit,
+                "window": args.window,
+                "samples": args.samples,
+                "seed": args.seed,
+                "edit_layer": args.edit_layer,
+                "edit_token": args.edit_token,
+                "edit_steps": args.edit_steps,
+                "edit_contexts": args.edit_contexts,
+            }
+            result = study(args.model, args.facts, args.out, options, progress=progress)
             for line in _study_lines(result):
                 print(line)
             print(f"wrote report.html, results.json and tensors/ to {args.out}")

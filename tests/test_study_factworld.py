@@ -74,12 +74,11 @@ def test_study_command_on_a_tiny_factworld(tiny_world, tmp_path, capsys):
     assert results["localization"]["relation"]["span"] == "relation"
     assert results["editing"]["counts"] == [2, 2]
     side = results["localization"]["entity"]
-    # The editing half edits where the entity trace's MLP effect peaks, with factworld's
-    # bare-prompt keys.
+    # The editing half edits at the token where the entity trace's MLP effect peaks, with
+    # factworld's own layer (capped by this 2-layer model) and bare-prompt keys.
     last_wins = side["mlp_peak_aie_last_token"] > side["mlp_peak_aie"]
     assert results["editing"]["key_token"] == ("last" if last_wins else "subject_last")
-    layer_key = "mlp_peak_layer_last_token" if last_wins else "mlp_peak_layer"
-    assert results["editing"]["layer"] == side[layer_key]
+    assert results["editing"]["layer"] == results["config"]["edit_layer"] == 1
     assert results["config"]["edit_contexts"] == 0
     assert f"(AIE {side['mlp_peak_aie']:.3f})" in page
     assert "The model answers" in capsys.readouterr().out
@@ -126,3 +125,15 @@ def test_edit_and_trace_commands_on_a_tiny_factworld(tiny_world, tmp_path):
         == 0
     )
     assert (tmp_path / "t" / "trace_trace.html").exists()
+
+
+def test_study_options_override_the_factworld_settings(tiny_world, tmp_path):
+    out = tmp_path / "study"
+    args = ["--no-progress", "study", "--model", str(tiny_world), "--out", str(out)]
+    args += ["--n-trace", "2", "--n-edit", "1", "--samples", "2"]
+    args += ["--edit-layer", "0", "--edit-token", "subject_last", "--edit-contexts", "1"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["edit_layer"] == results["editing"]["layer"] == 0
+    assert results["config"]["edit_token"] == results["editing"]["key_token"] == "subject_last"
+    assert results["config"]["edit_contexts"] == 1
