@@ -1,13 +1,28 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from models import SUBSTRATE, as_substrate, tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Modules marked ``one_thread`` (tiny models) run torch on one thread: it beats several
+    by far on a busy machine, and leaves the other cores to other jobs."""
+    if request.node.get_closest_marker("one_thread") is None:
+        yield
+        return
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
 
 
 @pytest.fixture(scope="session")

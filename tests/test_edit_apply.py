@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -18,16 +16,7 @@ from kloc_lens.edit import (
 )
 from kloc_lens.model import model_identity
 
-pytestmark = pytest.mark.substrate
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one thread beats several, by far on a busy machine."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = [pytest.mark.substrate, pytest.mark.one_thread]
 
 
 TEXTS = ["The mother tongue of Danielle Darrieux is", "Edwin Hubble works in the field of"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import doctest
 import importlib
-from collections.abc import Iterator
 
 import pytest
-import torch
+
+pytestmark = pytest.mark.one_thread
 
 MODULES = [
     "kloc_lens.edit",
@@ -24,15 +24,6 @@ MODULES = [
     "kloc_lens.edit.stats",
     "kloc_lens.edit.value",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one thread beats several, by far on a busy machine."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
 
 
 @pytest.mark.parametrize("name", MODULES)

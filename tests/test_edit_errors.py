@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 
 from kloc_lens.edit import (
     ContextSpec,
@@ -19,18 +16,9 @@ from kloc_lens.edit import (
 from kloc_lens.errors import KlocLensError, ModelError, SpanError
 from kloc_lens.facts import Fact
 
-pytestmark = pytest.mark.substrate
+pytestmark = [pytest.mark.substrate, pytest.mark.one_thread]
 
 SMALL = ContextSpec(count=2, lengths=(3,))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one thread beats several, by far on a busy machine."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
 
 
 @pytest.fixture(scope="module")

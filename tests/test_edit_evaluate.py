@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import plotly.graph_objects as go
 import pytest
@@ -23,18 +22,9 @@ from kloc_lens.edit import (
 from kloc_lens.edit.plot import loss_curves, metric_bars, transfer_heatmap
 from kloc_lens.facts import Fact, Perspective
 
-pytestmark = pytest.mark.substrate
+pytestmark = [pytest.mark.substrate, pytest.mark.one_thread]
 
 SMALL = ContextSpec(count=3, lengths=(4,))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one thread beats several, by far on a busy machine."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
 
 
 def _facts(planted) -> list[Fact]:

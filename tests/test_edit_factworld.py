@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,15 +11,9 @@ from kloc_lens.edit import EditRequest, ValueSpec, evaluate_edit, evaluate_edito
 from kloc_lens.edit.value import kl_prompts
 from kloc_lens.factworld import NONE_ANSWER, load_factworld, rome_editor
 
+pytestmark = pytest.mark.one_thread
+
 N_FACTS = 50
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -20,16 +18,7 @@ from kloc_lens.edit import (
 from kloc_lens.edit.keys import generate_contexts, key_rows, mean_at_keys
 from kloc_lens.facts import Fact
 
-pytestmark = pytest.mark.substrate
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one thread beats several, by far on a busy machine."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = [pytest.mark.substrate, pytest.mark.one_thread]
 
 
 SMALL = ContextSpec(count=3, lengths=(4,))

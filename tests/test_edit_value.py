@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -12,16 +10,7 @@ from kloc_lens.edit.keys import generate_contexts, key_position, with_context
 from kloc_lens.edit.value import kl_prompts
 from kloc_lens.facts import Fact, tokenize
 
-pytestmark = pytest.mark.substrate
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one thread beats several, by far on a busy machine."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = [pytest.mark.substrate, pytest.mark.one_thread]
 
 
 @pytest.fixture(scope="module")

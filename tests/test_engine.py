@@ -23,16 +23,7 @@ from kloc_lens import _engine
 from kloc_lens._engine import Patch, Precision, Run, Source, execute
 from kloc_lens.model import substrate
 
-pytestmark = pytest.mark.substrate
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.substrate, pytest.mark.one_thread]
 
 
 FACT = kl.Fact("Danielle Darrieux", "mother tongue", "French")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import doctest
 import importlib
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -29,13 +28,7 @@ MINI_TRAIN = TrainConfig(
     steps=250, batch_size=32, lr=5e-3, warmup_steps=20, eval_every=125, eval_size=16, threads=1
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -11,17 +11,10 @@ from torch import Tensor
 
 from kloc_lens.planted import PlantedFacts, build_planted_hf, planted_model
 
+pytestmark = pytest.mark.one_thread
+
 N_SAMPLES = 10
 NOISE_SCALE = 3.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The model is tiny: one thread beats several, by far on a busy machine."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
 
 
 @pytest.fixture(scope="module")
