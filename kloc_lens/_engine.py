@@ -56,6 +56,8 @@ import inspect
 import logging
 import math
 import re
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -66,7 +68,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kloc_lens.errors import SweepError
+from kloc_lens.errors import SiteError, SweepError
 from kloc_lens.metrics import check_metric_value, read_positions
 from kloc_lens.model import check_model, substrate
 from kloc_lens.sites import Site
@@ -170,6 +172,51 @@ class Patch:
     def hook(self) -> str:
         """The hook name."""
         return self.site.hook_name(self.layer)
+
+
+_PATCHABLE: weakref.WeakKeyDictionary[Any, dict[str, bool]] = weakref.WeakKeyDictionary()
+
+
+def check_patchable(model: Any, sites: dict[str, Site], tokens: Tensor) -> None:
+    """Refuse sites whose hook the model fires after the fact, discarding what it returns.
+
+    Some TransformerLens bridges (e.g. GPT-J's attention on TransformerLens 4.x) delegate a
+    computation to the wrapped module and fire a hook such as ``hook_pattern`` on a copy
+    afterwards: a patch there changes nothing, and a sweep would report a flat map of
+    zeros. For each site, the hook of its first patched layer is probed once per model: a
+    forward pass on the first tokens of ``tokens`` with that activation perturbed must change
+    the logits.
+
+    Raises:
+        SiteError: A site whose edits the model discards.
+    """
+    known = _PATCHABLE.setdefault(model, {})
+    first: dict[str, str] = {}
+    for hook, site in sites.items():
+        first.setdefault(site.name, hook)
+    todo = [hook for hook in first.values() if hook not in known]
+    if todo:
+        probe = tokens[:1, : min(int(tokens.shape[1]), 4)]
+
+        def perturb(activation: Tensor, hook: Any) -> Tensor:
+            generator = torch.Generator().manual_seed(0)
+            noise = torch.randn(activation.shape, generator=generator).to(activation)
+            return activation + noise * (activation.abs().mean() + 1.0)
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the bridge's own note that it discards the edit
+            base = model(probe)
+            for hook in todo:
+                known[hook] = not torch.equal(
+                    model.run_with_hooks(probe, fwd_hooks=[(hook, perturb)]), base
+                )
+    dead = [name for name, hook in first.items() if not known[hook]]
+    if dead:
+        raise SiteError(
+            f"site {dead[0]!r} cannot be patched on this model: its hook fires after the "
+            "computation and the model discards what the hook returns (a TransformerLens "
+            "bridge delegating to the wrapped module); use a HookedTransformer or another site"
+        )
 
 
 @dataclass(frozen=True)
@@ -807,6 +854,7 @@ def execute(
             needed[patch.source].add(patch.hook)
             sites[patch.hook] = patch.site
     check_model(model, set(sites) | ({EMBED_HOOK} if corrupted.embed_edit else set()))
+    check_patchable(model, sites, clean.tokens.to(device))
 
     runs = {
         Source.CLEAN: Run(clean.tokens.to(device), clean.embed_edit),
