@@ -59,9 +59,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from kloc_lens._tokenizers import wrap_tokenizer
 
 __all__ = [
     "PLANTED_NAME",
@@ -183,22 +185,7 @@ def _build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     vocab = {word: index for index, word in enumerate(words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A",
-        pair=f"{BOS} $A {BOS} $B:1",
-        special_tokens=[(BOS, vocab[BOS])],
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS,
-        eos_token=BOS,
-        pad_token=BOS,
-        unk_token=UNK,
-        model_max_length=_N_CTX,
-    )
-    tokenizer.init_kwargs["name_or_path"] = PLANTED_NAME
-    tokenizer.init_kwargs["add_bos_token"] = True
-    return tokenizer
+    return wrap_tokenizer(backend, name=PLANTED_NAME, n_ctx=_N_CTX, bos=BOS, unk=UNK)
 
 
 def _directions(n: int, d_model: int, generator: torch.Generator) -> torch.Tensor:

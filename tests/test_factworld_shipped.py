@@ -56,7 +56,11 @@ def test_shipped_world_is_the_seeded_world(shipped) -> None:
     assert isinstance(world, FactWorld)
     regenerated = generate_world(DEFAULT_WORLD, seed=SHIPPED_SEED)
     assert world.facts == regenerated.facts
-    assert model.tokenizer.get_vocab() == build_tokenizer(regenerated).get_vocab()
+    rebuilt = build_tokenizer(regenerated)
+    assert model.tokenizer.get_vocab() == rebuilt.get_vocab()
+    texts = list(world.corpus(n=50))
+    assert model.tokenizer(texts)["input_ids"] == rebuilt(texts)["input_ids"]  # BOS included
+    assert rebuilt(texts[0])["input_ids"][0] == rebuilt.bos_token_id
 
 
 def test_tokens_and_spans_through_the_model(shipped) -> None:

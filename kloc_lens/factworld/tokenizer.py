@@ -34,9 +34,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from kloc_lens._tokenizers import wrap_tokenizer
 from kloc_lens.factworld.world import (
     _CORPUS_FRAMES,
     _FIELD_RE,
@@ -113,21 +114,7 @@ def build_tokenizer(world: FactWorld, *, n_ctx: int = 64) -> PreTrainedTokenizer
     )  # fmt: skip
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix=CONTINUATION, cleanup=True)
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A",
-        pair=f"{BOS} $A {BOS} $B:1",
-        special_tokens=[(BOS, vocab[BOS])],
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS,
-        eos_token=BOS,
-        pad_token=BOS,
-        unk_token=UNK,
-        model_max_length=n_ctx,
-    )
-    tokenizer.init_kwargs["name_or_path"] = FACTWORLD_NAME
-    tokenizer.init_kwargs["add_bos_token"] = True
+    tokenizer = wrap_tokenizer(backend, name=FACTWORLD_NAME, n_ctx=n_ctx, bos=BOS, unk=UNK)
     check_tokenizer(tokenizer, world)
     return tokenizer
 
