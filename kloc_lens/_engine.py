@@ -182,10 +182,11 @@ def check_patchable(model: Any, sites: dict[str, Site], tokens: Tensor) -> None:
 
     Some TransformerLens bridges (e.g. GPT-J's attention on TransformerLens 4.x) delegate a
     computation to the wrapped module and fire a hook such as ``hook_pattern`` on a copy
-    afterwards: a patch there changes nothing, and a sweep would report a flat map of
-    zeros. For each site, the hook of its first patched layer is probed once per model: a
-    forward pass on the first tokens of ``tokens`` with that activation perturbed must change
-    the logits.
+    afterwards, with a warning that the edit is discarded: a patch there changes nothing, and a
+    sweep would report a flat map. For each site, the hook of its first patched layer is probed
+    once per model with a perturbation on the first tokens of ``tokens``; a site is refused when
+    the model says it discarded the edit and the logits indeed did not move. (Unchanged logits
+    alone prove nothing: a head with zero output weights ignores its ``z`` too.)
 
     Raises:
         SiteError: A site whose edits the model discards.
@@ -203,13 +204,18 @@ def check_patchable(model: Any, sites: dict[str, Site], tokens: Tensor) -> None:
             noise = torch.randn(activation.shape, generator=generator).to(activation)
             return activation + noise * (activation.abs().mean() + 1.0)
 
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the bridge's own note that it discards the edit
-            base = model(probe)
+        with torch.no_grad():
+            base: Tensor | None = None
             for hook in todo:
-                known[hook] = not torch.equal(
-                    model.run_with_hooks(probe, fwd_hooks=[(hook, perturb)]), base
-                )
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    out = model.run_with_hooks(probe, fwd_hooks=[(hook, perturb)])
+                live = True
+                if any("discarded" in str(item.message) for item in caught):
+                    reference: Tensor = model(probe) if base is None else base
+                    base = reference
+                    live = not torch.equal(out, reference)
+                known[hook] = live
     dead = [name for name, hook in first.items() if not known[hook]]
     if dead:
         raise SiteError(
