@@ -129,3 +129,21 @@ def test_statistics_are_checked_against_model_layer_and_shape(tiny, planted, tmp
 def test_empty_corpus_is_refused(tiny):
     with pytest.raises(EditError, match="holds no tokens"):
         second_moment(tiny, 0, [], progress=False)
+
+
+def test_a_dataset_of_records_is_read_by_its_text_column(tiny):
+    from datasets import Dataset  # a dependency of transformer_lens
+
+    plain = second_moment(tiny, 1, CORPUS, progress=False)
+    table = Dataset.from_dict({"id": list(range(len(CORPUS))), "text": list(CORPUS)})
+    from_rows = second_moment(tiny, 1, table, progress=False)
+    assert from_rows.count == plain.count
+    assert from_rows.corpus == plain.corpus  # the same texts hash the same
+    torch.testing.assert_close(from_rows.matrix, plain.matrix, atol=1e-6, rtol=0)
+    renamed = [{"body": text} for text in CORPUS]
+    same = second_moment(tiny, 1, renamed, text_column="body", progress=False)
+    torch.testing.assert_close(same.matrix, plain.matrix, atol=1e-6, rtol=0)
+    with pytest.raises(EditError, match="corpus item 0 has no 'text' field"):
+        second_moment(tiny, 1, renamed, progress=False)
+    with pytest.raises(EditError, match="item 1 is int"):
+        second_moment(tiny, 1, ["a text", 3], progress=False)

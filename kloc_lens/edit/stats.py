@@ -32,7 +32,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,11 +230,27 @@ def _cache_path(cache_dir: Path, identity: str, fingerprint: str, key: str) -> P
     return cache_dir / f"{name}-{fingerprint}-{key}.safetensors"
 
 
+def _texts(corpus: Iterable[Any], text_column: str) -> Iterator[str]:
+    """The corpus's texts: strings as they are, records (a dataset's rows) by ``text_column``."""
+    for index, item in enumerate(corpus):
+        if isinstance(item, Mapping):
+            if text_column not in item:
+                raise EditError(
+                    f"corpus item {index} has no {text_column!r} field (fields: "
+                    f"{sorted(item)[:8]}); pass text_column="
+                )
+            item = item[text_column]
+        if not isinstance(item, str):
+            raise EditError(
+                f"corpus items must be strings or records with a {text_column!r} text field; "
+                f"item {index} is {type(item).__name__}"
+            )
+        yield item
+
+
 def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
     batch: list[str] = []
     for text in texts:
-        if not isinstance(text, str):
-            raise EditError(f"corpus items must be strings, got {type(text).__name__}")
         batch.append(text)
         if len(batch) == size:
             yield batch
@@ -246,11 +262,12 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
 def second_moment(
     model: Any,
     layer: int,
-    corpus: Iterable[str],
+    corpus: Iterable[str] | Iterable[Mapping[str, Any]],
     *,
     projection: Projection | str = Projection.W_OUT,
     cache_dir: str | Path | None = None,
     corpus_id: str | None = None,
+    text_column: str = "text",
     max_length: int | None = None,
     include_bos: bool = False,
     batch_size: int = 16,
@@ -261,11 +278,13 @@ def second_moment(
     Args:
         model: The hooked model.
         layer: The layer.
-        corpus: Texts (any iterable of strings: a list, a generator, a dataset's text column).
+        corpus: Texts: any iterable of strings (a list, a generator, a dataset's text column),
+            or of records such as the rows of a Hugging Face ``datasets.Dataset``.
         projection: ``W_out`` (keys: ``mlp.hook_post``) or ``W_O`` (keys: ``attn.hook_z``).
         cache_dir: A folder to read the statistics from if present and write them to if not.
         corpus_id: A name for the corpus in the cache key instead of its hash (the hash reads
             the whole corpus into memory first; with an id, a cache hit reads none of it).
+        text_column: The text field of record items.
         max_length: Truncate each text to this many tokens (default ``cfg.n_ctx``).
         include_bos: Also count the BOS position's key (an outlier in many models).
         batch_size: Texts per forward.
@@ -275,7 +294,8 @@ def second_moment(
         The statistics.
 
     Raises:
-        EditError: The corpus holds no tokens, or an item is not a string.
+        EditError: The corpus holds no tokens, or an item is neither a string nor a record
+            with a ``text_column`` string.
     """
     projection = choice(Projection, projection, "projection")
     if batch_size < 1:
@@ -284,9 +304,9 @@ def second_moment(
     identity = model_identity(model)
     fingerprint = weights_fingerprint(model, layer, projection)
     length = int(max_length or model.cfg.n_ctx)
-    texts: Iterable[str] = corpus
+    texts: Iterable[str] = _texts(corpus, text_column)
     if corpus_id is None:
-        texts = list(corpus)
+        texts = list(texts)
         corpus_key = corpus_hash(texts)
     else:
         corpus_key = corpus_id
@@ -307,6 +327,8 @@ def second_moment(
     bos = bos_id(model)
     hook_name = projection.key_hook(layer)
     n_texts = len(texts) if isinstance(texts, list) else None
+    if n_texts is None and isinstance(corpus, Sized):
+        n_texts = len(corpus)
     bar = tqdm(total=n_texts, desc=f"key statistics L{layer}", disable=not progress, leave=False)
     with torch.no_grad():
         for batch in _batches(texts, batch_size):
