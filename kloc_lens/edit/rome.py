@@ -12,7 +12,10 @@ so that ``k* W' = v*`` exactly, and any key ``k`` sees
 ``k W' = k W + (k . u) / (u . k*) (v* - k* W)``.
 Here ``v* = k* W + delta`` with ``delta`` the optimised change of the projection's output at the
 key token; the same averaged key ``k*`` is used for the update and for ``v*`` (the reference
-code mixes an averaged and an unprefixed key; r-ROME fixed that).
+code mixes an averaged and an unprefixed key; r-ROME fixed that). Because every token's output
+moves by ``(k . u) / (u . k*)`` times ``delta``, ``delta`` is fitted through those factors
+(``exact_fit``, :func:`rank_one_spread`), so the fitted loss is the committed edit's loss;
+ROME fits it at the key token alone.
 
 :class:`RomeEditor` holds the hyperparameters and computes a :class:`RankOneEdit`, which is data:
 applying it (``with edit.applied(model)``) or committing it (``edit.commit(model)``) is a
