@@ -14,8 +14,9 @@ with Adam, ``delta`` clamped to ``clamp * |v_init|`` after each step (``v_init``
 activation at the key token, averaged over the rewrite prompts). A ``spread`` scales ``delta``
 at every token instead of adding it at the key token only, as a rank-one update will. The
 model's parameters are frozen while it runs (their ``requires_grad`` flags are restored
-afterwards) and only ``delta`` is differentiated (``torch.autograd.grad``), so no parameter's ``.grad`` is ever written and no
-weight changes. The loop stops early once the loss falls below ``stop_loss``.
+afterwards) and only ``delta`` is differentiated (``torch.autograd.grad``), so no parameter's
+``.grad`` is ever written and no weight changes. The loop stops early once the loss falls
+below ``stop_loss``.
 
 The defaults are ROME's for GPT-2 XL: lr 0.5, 20 steps, KL factor 0.0625, weight decay 0.5,
 clamp 4. The KL term is read at the last position of each KL prompt (the prediction after
