@@ -262,7 +262,7 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
 def second_moment(
     model: Any,
     layer: int,
-    corpus: Iterable[str] | Iterable[Mapping[str, Any]],
+    corpus: Iterable[Any],
     *,
     projection: Projection | str = Projection.W_OUT,
     cache_dir: str | Path | None = None,
