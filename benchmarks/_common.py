@@ -356,124 +356,62 @@ def run_suite(
 
         return call
 
-    # 1. layer x position residual patching, token corruption
-    sweep = "1. resid_pre layer x pos (tokens)"
-    floor = floor_flops(shape, [(layer, pos) for layer in range(L) for pos in range(T)], 1) / rate
-    print(f"{sweep}: floor {floor:.3f} s", flush=True)
-    ref = None
-    if baselines:
-        with torch.no_grad():
-            _, cache = model.run_with_cache(inputs.clean)
-        ref = timed(
-            suite,
-            sweep,
-            "transformer_lens.patching (1 forward/config)",
-            floor,
-            lambda: patching.get_act_patch_resid_pre(
-                model, inputs.corrupted, cache, inputs.patch_metric
-            ),
-        )
-        del cache
-    for precision in precisions:
-        call = kl_call(kl.activation_patching, precision)
-        row = timed(
-            suite,
-            sweep,
-            f"kloc_lens ({precision})",
-            floor,
-            lambda call=call: (
-                call(
-                    model, inputs.clean, inputs.corrupted, inputs.patch_metric, progress=False
-                ).values
-            ),
-        )
-        row.note = _stats_note(call)
-        if ref is not None:
-            compare_to(row, ref)
-            rtol = 1e-5 if precision == "fp32" else 5e-2
-            agree(suite, f"{sweep}, kloc_lens {precision} vs TL", row.values, ref.values, rtol)
-    if plain:
-        call = kl_call(kl.activation_patching, "fp32", shortcuts=False)
-        row = timed(
-            suite,
-            sweep,
-            "kloc_lens, shortcuts off (batched full passes)",
-            floor,
-            lambda: (
-                call(
-                    model, inputs.clean, inputs.corrupted, inputs.patch_metric, progress=False
-                ).values
-            ),
-        )
-        if ref is not None:
-            compare_to(row, ref)
-            agree(suite, f"{sweep}, kloc_lens plain vs TL", row.values, ref.values, 1e-5)
+    def patch_sweep(
+        name: str, configs: list[tuple[int, int]], tl_patch: Callable, **kl_kwargs: Any
+    ) -> None:
+        """One activation-patching sweep: TransformerLens's patching function as the baseline,
+        then kloc_lens at each precision, then kloc_lens with its shortcuts off."""
+        floor = floor_flops(shape, configs, 1) / rate
+        print(f"{name}: floor {floor:.3f} s", flush=True)
+        ref = None
+        if baselines:
+            with torch.no_grad():
+                _, cache = model.run_with_cache(inputs.clean)
+            ref = timed(
+                suite,
+                name,
+                "transformer_lens.patching (1 forward/config)",
+                floor,
+                lambda: tl_patch(model, inputs.corrupted, cache, inputs.patch_metric),
+            )
+            del cache
 
+        def run(call: Callable) -> torch.Tensor:
+            return call(
+                model, inputs.clean, inputs.corrupted, inputs.patch_metric, progress=False,
+                **kl_kwargs,
+            ).values  # fmt: skip
+
+        for precision in precisions:
+            call = kl_call(kl.activation_patching, precision)
+            row = timed(suite, name, f"kloc_lens ({precision})", floor, lambda c=call: run(c))
+            row.note = _stats_note(call)
+            if ref is not None:
+                compare_to(row, ref)
+                rtol = 1e-5 if precision == "fp32" else 5e-2
+                agree(suite, f"{name}, kloc_lens {precision} vs TL", row.values, ref.values, rtol)
+        if plain:
+            call = kl_call(kl.activation_patching, "fp32", shortcuts=False)
+            method = "kloc_lens, shortcuts off (batched full passes)"
+            row = timed(suite, name, method, floor, lambda: run(call))
+            if ref is not None:
+                compare_to(row, ref)
+                agree(suite, f"{name}, kloc_lens plain vs TL", row.values, ref.values, 1e-5)
+
+    # 1. layer x position residual patching, token corruption
+    patch_sweep(
+        "1. resid_pre layer x pos (tokens)",
+        [(layer, pos) for layer in range(L) for pos in range(T)],
+        patching.get_act_patch_resid_pre,
+    )
     # 2. layer x head patching, all positions
-    sweep = "2. z layer x head, all positions"
-    floor = floor_flops(shape, [(layer, 0) for layer in range(L) for _ in range(shape.n_heads)], 1)
-    floor /= rate
-    print(f"{sweep}: floor {floor:.3f} s", flush=True)
-    ref = None
-    if baselines:
-        with torch.no_grad():
-            _, cache = model.run_with_cache(inputs.clean)
-        ref = timed(
-            suite,
-            sweep,
-            "transformer_lens.patching (1 forward/config)",
-            floor,
-            lambda: patching.get_act_patch_attn_head_out_all_pos(
-                model, inputs.corrupted, cache, inputs.patch_metric
-            ),
-        )
-        del cache
-    for precision in precisions:
-        call = kl_call(kl.activation_patching, precision)
-        row = timed(
-            suite,
-            sweep,
-            f"kloc_lens ({precision})",
-            floor,
-            lambda call=call: (
-                call(
-                    model,
-                    inputs.clean,
-                    inputs.corrupted,
-                    inputs.patch_metric,
-                    site="z",
-                    sweep="layer_head",
-                    progress=False,
-                ).values
-            ),
-        )
-        row.note = _stats_note(call)
-        if ref is not None:
-            compare_to(row, ref)
-            rtol = 1e-5 if precision == "fp32" else 5e-2
-            agree(suite, f"{sweep}, kloc_lens {precision} vs TL", row.values, ref.values, rtol)
-    if plain:
-        call = kl_call(kl.activation_patching, "fp32", shortcuts=False)
-        row = timed(
-            suite,
-            sweep,
-            "kloc_lens, shortcuts off (batched full passes)",
-            floor,
-            lambda: (
-                call(
-                    model,
-                    inputs.clean,
-                    inputs.corrupted,
-                    inputs.patch_metric,
-                    site="z",
-                    sweep="layer_head",
-                    progress=False,
-                ).values
-            ),
-        )
-        if ref is not None:
-            compare_to(row, ref)
-            agree(suite, f"{sweep}, kloc_lens plain vs TL", row.values, ref.values, 1e-5)
+    patch_sweep(
+        "2. z layer x head, all positions",
+        [(layer, 0) for layer in range(L) for _ in range(shape.n_heads)],
+        patching.get_act_patch_attn_head_out_all_pos,
+        site="z",
+        sweep="layer_head",
+    )
 
     # 3. ROME causal trace: resid, MLP window 10, attention window 10
     sweep = "3. causal trace resid+mlp10+attn10"
@@ -541,6 +479,18 @@ def _stats_note(call: Any) -> str:
 
 
 # ---- report -------------------------------------------------------------------------------------
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+"""Where the benchmarks' latest outputs are committed."""
+
+
+def write_result(text: str, name: str, out: Path | None = None) -> None:
+    """Write a benchmark's report to ``out`` (default ``results/{name}.txt``) and say where."""
+    path = out or RESULTS / f"{name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"written to {path}")
 
 
 def machine() -> list[str]:

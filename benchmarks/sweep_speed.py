@@ -26,9 +26,7 @@ import os
 from pathlib import Path
 
 import torch
-from _common import GPT2_SMALL, SMOKE, build_model, report, run_suite
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import GPT2_SMALL, SMOKE, build_model, report, run_suite, write_result
 
 
 def main() -> None:
@@ -58,10 +56,7 @@ def main() -> None:
     print(text)
     name = "sweep_speed_cpu" + ("_smoke" if args.smoke else "")
     name += f"_{args.threads}thread" if args.threads is not None else ""
-    out = args.out or RESULTS / f"{name}.txt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written to {out}")
+    write_result(text, name, args.out)
 
 
 if __name__ == "__main__":

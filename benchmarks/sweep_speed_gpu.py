@@ -17,9 +17,7 @@ import os
 from pathlib import Path
 
 import torch
-from _common import GPT2_XL, SMOKE, build_model, report, run_suite
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import GPT2_XL, SMOKE, build_model, report, run_suite, write_result
 
 
 def main() -> None:
@@ -53,10 +51,7 @@ def main() -> None:
     text = report(suite, f"kloc_lens sweep speed, {device.upper()}", extra)
     print(text)
     name = "sweep_speed_gpu" + ("_small" if args.small else "") + ("_cpu" if args.cpu else "")
-    out = args.out or RESULTS / f"{name}.txt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written to {out}")
+    write_result(text, name, args.out)
 
 
 if __name__ == "__main__":
