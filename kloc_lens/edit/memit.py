@@ -263,14 +263,11 @@ class MemitEditor:
                 "that projection reads nothing there; leave the layer out"
             )
         key_scale = float((norms**2).mean()) / size
-        eye = torch.eye(size, dtype=torch.float64, device=keys.device)
         if stats is None:
-            matrix = key_scale * eye
+            matrix = key_scale * torch.eye(size, dtype=torch.float64, device=keys.device)
             description = f"identity (scale {key_scale:.4g})"
         else:
-            matrix = stats.matrix.to(device=keys.device, dtype=torch.float64)
-            trace_scale = float(matrix.diagonal().sum()) / size
-            matrix = matrix + self.ridge * max(trace_scale, key_scale) * eye
+            matrix = stats.damped(keys, self.ridge)
             description = stats.describe()
         if self.covariance_weight == 0:
             return torch.linalg.pinv(k64).float(), description + ", weight 0: pseudo-inverse"

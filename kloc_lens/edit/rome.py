@@ -130,20 +130,11 @@ class RankOneEdit(WeightEdit):
 def solve_direction(
     key: Float[Tensor, " d_in"], stats: SecondMoment | None, *, ridge: float = 1e-4
 ) -> Float[Tensor, " d_in"]:
-    """``u = (C + ridge * tr(C)/d * I)^-1 k*`` in float64 (``k*`` itself without statistics).
-
-    The ridge (relative to the mean eigenvalue of ``C``) keeps the solve stable for statistics
-    of less than full rank (a small corpus, a tiny vocabulary) and against the float32 rounding
-    of the stored matrix, whose noise is about 1e-7 of its largest eigenvalue.
-    """
+    """``u = (C + damping)^-1 k*`` in float64 (:meth:`SecondMoment.damped`); ``k*`` itself
+    without statistics."""
     if stats is None:
         return key.clone()
-    matrix = stats.matrix.to(device=key.device, dtype=torch.float64)
-    size = matrix.shape[0]
-    scale = max(float(matrix.diagonal().sum()), float(key.double().norm() ** 2)) / size
-    damping = ridge * scale
-    eye = torch.eye(size, dtype=torch.float64, device=key.device)
-    solved = torch.linalg.solve(matrix + damping * eye, key.double())
+    solved = torch.linalg.solve(stats.damped(key[None], ridge), key.double())
     return solved.to(key.dtype)
 
 

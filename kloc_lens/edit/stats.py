@@ -96,6 +96,20 @@ class SecondMoment:
             f"of corpus {self.corpus[:16]}"
         )
 
+    def damped(self, keys: Float[Tensor, "n d_in"], ridge: float) -> Float[Tensor, "d_in d_in"]:
+        """``C + ridge * max(tr C, mean |k|^2) / d * I`` in float64, on the keys' device.
+
+        The ridge (relative to the mean eigenvalue of ``C``, or of the keys' power if larger)
+        keeps solves stable for statistics of less than full rank (a small corpus, a tiny
+        vocabulary) and against the float32 rounding of the stored matrix, whose noise is about
+        1e-7 of its largest eigenvalue.
+        """
+        matrix = self.matrix.to(device=keys.device, dtype=torch.float64)
+        key_power = float((keys.double().norm(dim=-1) ** 2).mean())
+        scale = max(float(matrix.diagonal().sum()), key_power) / self.size
+        eye = torch.eye(self.size, dtype=torch.float64, device=keys.device)
+        return matrix + ridge * scale * eye
+
     def check(self, model: Any, layer: int, projection: Projection | str) -> None:
         """Refuse statistics that do not belong to ``model`` at ``layer`` and ``projection``.
 
