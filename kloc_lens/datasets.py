@@ -58,14 +58,18 @@ class DatasetError(KlocLensError):
     """A dataset file or record that cannot be read."""
 
 
-def _read_records(path: str | Path) -> list[Any]:
-    path = Path(path)
+def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise DatasetError(f"no dataset file at {str(path)!r}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DatasetError(f"{str(path)!r} is not valid JSON: {err}") from err
+
+
+def _read_records(path: str | Path) -> list[Any]:
+    path = Path(path)
+    data = _read_json(path)
     if not isinstance(data, list):
         raise DatasetError(
             f"{str(path)!r} must hold a JSON list of records, not {type(data).__name__}"
@@ -288,12 +292,7 @@ def load_facts(path: str | Path, *, limit: int | None = None) -> list[Fact]:
         DatasetError: The file is in none of these formats or a record is malformed.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"no dataset file at {str(path)!r}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{str(path)!r} is not valid JSON: {err}") from err
+    data = _read_json(path)
     if isinstance(data, dict):
         return facts_from_json(data, source=str(path))[:limit]
     if isinstance(data, list) and data and isinstance(data[0], dict):
