@@ -106,7 +106,7 @@ def demo(out: Path, *, progress: bool = True) -> dict[str, Any]:
 
 
 def _model_and_facts(model_name: str | None, facts_file: Path | None) -> tuple[Any, list[Any], Any]:
-    """The model, its fact set and (for factworld) the corpus for key statistics."""
+    """The model, its fact set and its factworld (``None`` for other models)."""
     import kloc_lens as kl
     from kloc_lens.datasets import load_facts, real_world_facts
 
@@ -116,7 +116,7 @@ def _model_and_facts(model_name: str | None, facts_file: Path | None) -> tuple[A
 
         model, world = load_factworld(model_name)
         facts = load_facts(facts_file) if facts_file else list(world.facts)
-        return model, facts, list(world.corpus())
+        return model, facts, world
     model = kl.load_model(model_name)
     facts = load_facts(facts_file) if facts_file else real_world_facts()
     return model, facts, None
@@ -187,33 +187,20 @@ def edit(
     """Edit one fact from each perspective, score both, write the transfer figure."""
     from kloc_lens.edit import EditRequest, RomeEditor, evaluate_editor, second_moment
     from kloc_lens.edit.plot import transfer_heatmap
-    from kloc_lens.factworld import (
-        EDIT_CONTEXTS,
-        EDIT_KEY_TOKEN,
-        EDIT_LAYER,
-        EDIT_VALUE,
-        NONE_ANSWER,
-    )
+    from kloc_lens.factworld import EDIT_LAYER, NONE_ANSWER, rome_editor
 
     out.mkdir(parents=True, exist_ok=True)
-    model, facts, corpus = _model_and_facts(model_name, facts_file)
+    model, facts, world = _model_and_facts(model_name, facts_file)
     fact = _pick(facts, subject, index)
-    if corpus is not None:  # a factworld: the settings that edit it (kloc_lens.factworld.editing)
+    if world is not None:  # a factworld: the settings that edit it
         layer = layer if layer is not None else min(EDIT_LAYER, int(model.cfg.n_layers) - 1)
-        stats = second_moment(model, layer, corpus, progress=progress)
-        editor = RomeEditor(
-            layer=layer,
-            stats=stats,
-            key_token=EDIT_KEY_TOKEN,
-            contexts=EDIT_CONTEXTS,
-            value=EDIT_VALUE,
-        )
+        editor = rome_editor(model, world, layer=layer, progress=progress)
     else:
         layer = layer if layer is not None else int(model.cfg.n_layers) // 2
         texts = [p.text for f in facts for p in f.prompts("entity")]
         stats = second_moment(model, layer, texts, progress=progress)
         editor = RomeEditor(layer=layer, stats=stats)
-    none = NONE_ANSWER if corpus is not None else "None"
+    none = NONE_ANSWER if world is not None else "None"
     requests = [
         EditRequest(fact, new_object, perspective=p, none_target=none)
         for p in ("entity", "relation")
@@ -254,9 +241,11 @@ def study(
     from kloc_lens.factworld import EDIT_CONTEXTS, EDIT_LAYER, NONE_ANSWER
     from kloc_lens.study import StudyConfig, run_study
 
-    model, facts, corpus = _model_and_facts(model_name, facts_file)
+    model, facts, world = _model_and_facts(model_name, facts_file)
     given = {key: value for key, value in options.items() if value is not None}
-    if corpus is not None:
+    corpus = None
+    if world is not None:
+        corpus = list(world.corpus())
         n_layers = int(model.cfg.n_layers)
         given = {
             "none_target": NONE_ANSWER,
