@@ -42,3 +42,30 @@ def test_site_builds_strictly(tmp_path):
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     for name in ("activation_patching", "causal_trace", "GaussianNoise", "register_site"):
         assert name in api
+
+
+ROOT = DOCS.parent
+
+
+def _readme_commands() -> list[str]:
+    block = re.search(r"^```bash\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
+    assert block, "the README starts with a bash block of its two commands"
+    return [line for line in block.group(1).splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_opens_with_the_main_job_and_the_test_command():
+    commands = _readme_commands()
+    assert len(commands) == 2
+    assert "kloc-lens study" in commands[0]
+    assert commands[1] == "bash scripts/test"
+
+
+def test_ci_runs_the_readme_test_command_not_a_copy():
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert _readme_commands()[1] in ci
+    assert not any("pytest" in line and "-m substrate" not in line for line in ci), (
+        "CI runs pytest only through scripts/test (and the TL 3.9 substrate run)"
+    )
+    script = (ROOT / "scripts" / "test").read_text()
+    assert "apt-get install" in script and "chromium" in script
+    assert "python -m pytest" in script
