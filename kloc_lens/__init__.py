@@ -8,6 +8,7 @@ The public API, by concept:
   :class:`ZeroAblation`, :class:`MeanAblation`
 - sites: :func:`register_site`, :func:`get_site`, :func:`list_sites`
 - sweeps: :func:`activation_patching`, :func:`causal_trace`
+- gradient estimates: :func:`attribution_patching` (AtP, AtP*), :func:`screen_then_patch`
 - metrics: :class:`TargetProb`, :class:`LogitDiff`
 - results: :class:`LayerPosResult`, :class:`LayerHeadResult`, :class:`LayerPosHeadResult`,
   :class:`TraceResult`, :class:`TraceSet`, :func:`load_result`
@@ -19,6 +20,13 @@ The public API, by concept:
 """
 
 from kloc_lens._engine import Precision
+from kloc_lens.attribution import (
+    AttributionError,
+    AttributionMethod,
+    ScreenedPatching,
+    attribution_patching,
+    screen_then_patch,
+)
 from kloc_lens.corrupt import (
     CorruptedInput,
     Corruption,
@@ -88,6 +96,8 @@ from kloc_lens.types import Direction, TraceKind
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttributionError",
+    "AttributionMethod",
     "CommittedEdit",
     "CorruptedInput",
     "Corruption",
@@ -116,6 +126,7 @@ __all__ = [
     "Resample",
     "ResultError",
     "RomeEditor",
+    "ScreenedPatching",
     "SecondMoment",
     "Site",
     "SiteError",
@@ -133,6 +144,7 @@ __all__ = [
     "ZeroAblation",
     "activation_patching",
     "add_hook_point",
+    "attribution_patching",
     "causal_trace",
     "check_model",
     "evaluate_edit",
@@ -143,6 +155,7 @@ __all__ = [
     "load_model",
     "load_result",
     "register_site",
+    "screen_then_patch",
     "second_moment",
     "target_token_ids",
     "tokenize",
