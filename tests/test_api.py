@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
+import types
 
 import pytest
 import torch
@@ -10,27 +12,41 @@ import torch
 import kloc_lens as kl
 
 
-def test_every_exported_name_imports():
-    module = importlib.import_module("kloc_lens")
-    assert module.__all__ == sorted(module.__all__, key=str) or True
-    for name in module.__all__:
-        assert getattr(module, name) is not None, name
-    for sub in (
-        "plot",
-        "planted",
-        "trace",
-        "corrupt",
-        "facts",
-        "sites",
-        "results",
-        "metrics",
-        "model",
-        "types",
-        "errors",
-    ):
-        mod = importlib.import_module(f"kloc_lens.{sub}")
-        for name in getattr(mod, "__all__", []):
-            assert hasattr(mod, name), f"kloc_lens.{sub}.{name}"
+def _modules() -> list[str]:
+    """Every module of the package, ``__main__`` (which runs the CLI) aside."""
+    names = [
+        info.name
+        for info in pkgutil.walk_packages(kl.__path__, "kloc_lens.")
+        if not info.name.endswith("__main__")
+    ]
+    assert "kloc_lens.edit.apply" in names and "kloc_lens.facts" in names
+    return names
+
+
+@pytest.mark.parametrize("package", ["kloc_lens", "kloc_lens.edit"])
+def test_the_public_namespace_is_curated(package):
+    module = importlib.import_module(package)
+    exported = module.__all__
+    assert exported == sorted(set(exported)), "__all__ is sorted and has no duplicates"
+    for name in exported:
+        obj = getattr(module, name)  # raises AttributeError for a name that does not import
+        assert obj.__module__.startswith("kloc_lens."), f"{package}.{name} is {obj!r}"
+    star: dict[str, object] = {}
+    exec(f"from {package} import *", star)
+    assert sorted(set(star) - {"__builtins__"}) == exported
+    public = {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public - set(exported) - {"annotations"} == set(), "public names outside __all__"
+
+
+@pytest.mark.parametrize("name", _modules())
+def test_every_module_exports_what_it_defines(name):
+    module = importlib.import_module(name)
+    for exported in getattr(module, "__all__", []):
+        assert hasattr(module, exported), f"{name}.{exported} is in __all__ but not defined"
 
 
 def test_errors_share_one_base():

@@ -17,7 +17,8 @@ PLOTLY = "application/vnd.plotly.v1+json"
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_runs_as_a_script(path, capsys):
     namespace = runpy.run_path(str(path), run_name="__main__")
-    assert namespace["model"] is not None
+    model = namespace["model"]
+    assert callable(model.run_with_hooks) and model.cfg.n_layers >= 1, "a hooked model"
     assert capsys.readouterr().out.strip()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jaxtyping
 import pytest
 import torch
 
@@ -108,5 +109,5 @@ def test_results_are_frozen_and_shape_checked(tiny, prompt, metric):
     with pytest.raises(AttributeError):
         result.site = "x"  # type: ignore[misc]
     # the jaxtyping hook checks annotated shapes at construction (tests run with it on)
-    with pytest.raises(Exception, match="values"):
+    with pytest.raises(jaxtyping.TypeCheckError, match="values"):
         kl.LayerPosResult(**{**result.__dict__, "values": torch.zeros(2, 3, 4)})
