@@ -9,6 +9,7 @@ The public API, by concept:
 - sites: :func:`register_site`, :func:`get_site`, :func:`list_sites`
 - sweeps: :func:`activation_patching`, :func:`causal_trace`
 - gradient estimates: :func:`attribution_patching` (AtP, AtP*), :func:`screen_then_patch`
+- knowledge neurons: :func:`knowledge_neurons`, :class:`KnowledgeNeurons`
 - metrics: :class:`TargetProb`, :class:`LogitDiff`
 - results: :class:`LayerPosResult`, :class:`LayerHeadResult`, :class:`LayerPosHeadResult`,
   :class:`TraceResult`, :class:`TraceSet`, :func:`load_result`
@@ -73,6 +74,7 @@ from kloc_lens.facts import (
 )
 from kloc_lens.metrics import LogitDiff, TargetProb
 from kloc_lens.model import check_model, from_hf, load_model
+from kloc_lens.neurons import KnowledgeNeurons, NeuronAttribution, NeuronError, knowledge_neurons
 from kloc_lens.results import (
     LayerHeadResult,
     LayerPosHeadResult,
@@ -109,6 +111,7 @@ __all__ = [
     "Fact",
     "GaussianNoise",
     "KlocLensError",
+    "KnowledgeNeurons",
     "LayerHeadResult",
     "LayerPosHeadResult",
     "LayerPosResult",
@@ -117,6 +120,8 @@ __all__ = [
     "MemitEditor",
     "MetricError",
     "ModelError",
+    "NeuronAttribution",
+    "NeuronError",
     "PatchResult",
     "Perspective",
     "Precision",
@@ -151,6 +156,7 @@ __all__ = [
     "evaluate_editor",
     "from_hf",
     "get_site",
+    "knowledge_neurons",
     "list_sites",
     "load_model",
     "load_result",
