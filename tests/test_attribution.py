@@ -4,15 +4,12 @@ on saturated attention, and screen-then-patch against the full exact sweep."""
 
 from __future__ import annotations
 
-import doctest
-
 import pytest
 import torch
 from models import as_substrate, word_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import kloc_lens as kl
-import kloc_lens.attribution as attribution_module
 from kloc_lens.attribution import (
     AttributionError,
     AttributionMethod,
@@ -573,11 +570,3 @@ def test_no_hook_outlives_a_call_also_when_it_raises(tiny3):
         attribution_patching(model, prompt, corrupted, failing, site="z", method="atp*")
     assert attached() == before
     assert all(p.grad is None for p in model.parameters())  # no gradients left in the model
-
-
-def test_docstring_examples():
-    result = doctest.testmod(
-        attribution_module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-    )
-    assert result.attempted > 0
-    assert result.failed == 0

@@ -4,7 +4,6 @@ neurons on the embedded world, and hooks that never outlive their block."""
 
 from __future__ import annotations
 
-import doctest
 import random
 
 import pytest
@@ -13,7 +12,6 @@ from models import as_substrate, word_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import kloc_lens as kl
-import kloc_lens.neurons as neurons_module
 from kloc_lens.neurons import (
     KnowledgeNeurons,
     NeuronAttribution,
@@ -255,11 +253,3 @@ def test_bad_input_is_named(tiny):
         knowledge_neurons(tiny, TEXTS[0], "French", layers=[3])
     with pytest.raises(NeuronError, match="at least one prompt"):
         knowledge_neurons(tiny, [], "French")
-
-
-def test_docstring_examples():
-    result = doctest.testmod(
-        neurons_module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-    )
-    assert result.attempted > 0
-    assert result.failed == 0
