@@ -26,7 +26,9 @@ import os
 from pathlib import Path
 
 import torch
-from _common import GPT2_SMALL, SMOKE, build_model, report, run_suite, write_result
+from _model import GPT2_SMALL, SMOKE, build_model
+from _report import report, write_result
+from _sweeps import run_suite
 
 
 def main() -> None:

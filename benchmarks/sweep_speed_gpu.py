@@ -17,7 +17,9 @@ import os
 from pathlib import Path
 
 import torch
-from _common import GPT2_XL, SMOKE, build_model, report, run_suite, write_result
+from _model import GPT2_XL, SMOKE, build_model
+from _report import report, write_result
+from _sweeps import run_suite
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ The public API, by concept:
 - figures and views: :mod:`kloc_lens.plot`, :mod:`kloc_lens.vis`
 """
 
-from kloc_lens._engine import Precision
 from kloc_lens.attribution import (
     AttributionError,
     AttributionMethod,
@@ -50,6 +49,7 @@ from kloc_lens.edit import (
     evaluate_editor,
     second_moment,
 )
+from kloc_lens.engine import Precision
 from kloc_lens.errors import (
     CorruptionError,
     EditError,

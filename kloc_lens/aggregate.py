@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kloc_lens._engine import Precision
 from kloc_lens.corrupt import Corruption, GaussianNoise
+from kloc_lens.engine import Precision
 from kloc_lens.errors import ResultError, SpanError
 from kloc_lens.facts import TokenizedPrompt
 from kloc_lens.results import AggregateSet, AggregateTrace, TraceResult, TraceSet

@@ -12,9 +12,13 @@ SpanError
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import TypeVar
+
 __all__ = [
     "CorruptionError",
     "EditError",
+    "HookNotFiredError",
     "KlocLensError",
     "MetricError",
     "ModelError",
@@ -22,6 +26,7 @@ __all__ = [
     "SiteError",
     "SpanError",
     "SweepError",
+    "choice",
 ]
 
 
@@ -60,3 +65,32 @@ class SweepError(KlocLensError):
 
 class ResultError(KlocLensError):
     """A result file that cannot be read back."""
+
+
+class HookNotFiredError(KlocLensError):
+    """A hook that was attached for a forward pass but never ran during it: a patch, restore,
+    edit or custom site that would otherwise silently do nothing (a hook name this architecture
+    never calls, a hook point that needs a switch such as ``set_use_attn_result``)."""
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def choice(
+    kind: type[E], value: object, what: str, error: type[KlocLensError] = KlocLensError
+) -> E:
+    """``kind(value)`` for an enum, or ``error`` with a message that lists the valid values.
+
+    >>> from kloc_lens.types import Direction
+    >>> choice(Direction, "inject", "direction")
+    <Direction.INJECT: 'inject'>
+    >>> choice(Direction, "forward", "direction", SweepError)
+    Traceback (most recent call last):
+    ...
+    kloc_lens.errors.SweepError: direction must be one of 'restore', 'inject', got 'forward'
+    """
+    try:
+        return kind(value)  # type: ignore[call-arg]
+    except ValueError:
+        options = ", ".join(repr(member.value) for member in kind)
+        raise error(f"{what} must be one of {options}, got {value!r}") from None

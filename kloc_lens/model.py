@@ -26,6 +26,7 @@ from kloc_lens.errors import ModelError
 __all__ = [
     "HookedModel",
     "check_model",
+    "device_of",
     "from_hf",
     "load_hooked_transformer",
     "load_model",
@@ -251,6 +252,17 @@ def _check_tokenizer(model: Any, name: str) -> None:
 def substrate(model: Any) -> str:
     """Name the substrate of a hooked model: ``"bridge"`` or ``"hooked_transformer"``."""
     return "bridge" if hasattr(model, "enable_compatibility_mode") else "hooked_transformer"
+
+
+def device_of(model: Any) -> torch.device:
+    """The device a model computes on: its parameters', else ``cfg.device``, else the CPU.
+
+    The one place kloc_lens picks a device; nothing hard-codes one.
+    """
+    try:
+        return next(iter(model.parameters())).device
+    except (StopIteration, AttributeError, TypeError):
+        return torch.device(str(getattr(model.cfg, "device", None) or "cpu"))
 
 
 def model_identity(model: Any) -> str:

@@ -26,7 +26,7 @@ Example (on the planted model whose fact sits in the MLP of layer 1):
     >>> traces.get("mlp").values.shape == (model.cfg.n_layers, len(prompt))
     True
 
-All sweeps run through one batched executor (:mod:`kloc_lens._engine`).
+All sweeps run through one batched executor (:mod:`kloc_lens.engine`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Any
 
 from torch import Tensor
 
-from kloc_lens._engine import DEFAULT_MEMORY_BUDGET, Patch, Precision, Run, Source, execute
 from kloc_lens.corrupt import Corruption, GaussianNoise
+from kloc_lens.engine import DEFAULT_MEMORY_BUDGET, Patch, Precision, Run, Source, execute
 from kloc_lens.errors import SiteError, SpanError, SweepError
 from kloc_lens.facts import Fact, Prompt, TokenizedPrompt, target_token_ids, tokenize
 from kloc_lens.metrics import TargetProb, metric_name

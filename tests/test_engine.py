@@ -19,8 +19,8 @@ from transformers import (
 )
 
 import kloc_lens as kl
-from kloc_lens import _engine
-from kloc_lens._engine import Patch, Precision, Run, Source, execute
+from kloc_lens import engine
+from kloc_lens.engine import Patch, Precision, Run, Source, adapter, cache, execute, plan
 from kloc_lens.model import substrate
 
 pytestmark = [pytest.mark.substrate, pytest.mark.one_thread]
@@ -137,7 +137,7 @@ def _reference(model, prompt, corrupted, metric, result, site, direction="restor
 def _stats_of(monkeypatch):
     """Record the ExecutionStats of every sweep run through kloc_lens.trace."""
     seen = []
-    original = _engine.execute
+    original = engine.execute
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
@@ -374,14 +374,14 @@ def test_caches_hold_only_what_the_sweep_reads(tiny, monkeypatch):
     """One copy of each patched clean activation; from the base run only the residual stream
     where configurations may start (and what base-source patches read)."""
     stores = []
-    original = _engine._cache_run
+    original = cache.cache_run
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
         stores.append(out.store)
         return out
 
-    monkeypatch.setattr(_engine, "_cache_run", spy)
+    monkeypatch.setattr(cache, "cache_run", spy)
     prompt = kl.tokenize(tiny, FACT.entity_prompt())
     kl.causal_trace(
         tiny, prompt, kinds=("mlp",), window=1, sever=(), layers=[1], progress=False
@@ -394,10 +394,10 @@ def test_caches_hold_only_what_the_sweep_reads(tiny, monkeypatch):
 
 def test_plan_passes_groups_by_start_position():
     items = [
-        _engine._Planned(i, layer, pos, [])
+        plan.Planned(i, layer, pos, [])
         for i, (layer, pos) in enumerate((layer, pos) for layer in range(4) for pos in range(8))
     ]
-    passes = _engine._plan_passes(
+    passes = plan.plan_passes(
         items, rows=1, n_pos=8, n_layers=4, max_tokens=10**6, max_configs=None, min_tokens=0
     )
     assert sorted(i.index for _, members in passes for i in members) == list(range(32))
@@ -405,8 +405,8 @@ def test_plan_passes_groups_by_start_position():
         assert t0 == min(m.start_pos for m in members)
         padded = sum((8 - t0) * (4 - m.start_layer) for m in members)
         needed = sum((8 - m.start_pos) * (4 - m.start_layer) for m in members)
-        assert padded <= (1 + _engine._PACK_SLACK) * needed
-    capped = _engine._plan_passes(
+        assert padded <= (1 + plan.PACK_SLACK) * needed
+    capped = plan.plan_passes(
         items, rows=1, n_pos=8, n_layers=4, max_tokens=10**6, max_configs=3, min_tokens=10**6
     )
     assert max(len(members) for _, members in capped) == 3
@@ -447,7 +447,7 @@ def _fallback_case(model, monkeypatch, match):
 
 
 def test_unknown_architecture_falls_back(tiny, monkeypatch):
-    monkeypatch.setattr(_engine, "FAST_ARCHITECTURES", frozenset())
+    monkeypatch.setattr(adapter, "FAST_ARCHITECTURES", frozenset())
     _fallback_case(tiny, monkeypatch, "architecture")
 
 
@@ -471,19 +471,19 @@ def test_model_without_blocks_falls_back(tiny, monkeypatch):
 
 
 def test_failed_self_check_falls_back(tiny, monkeypatch):
-    original = _engine._BlockDriver.final
+    original = adapter.BlockDriver.final
 
     def off_by_a_bit(self, hidden):
         return original(self, hidden) + 1e-2
 
-    monkeypatch.setattr(_engine._BlockDriver, "final", off_by_a_bit)
+    monkeypatch.setattr(adapter.BlockDriver, "final", off_by_a_bit)
     _fallback_case(tiny, monkeypatch, "does not reproduce")
 
 
 def test_ignored_keys_values_disable_position_skipping(tiny, monkeypatch):
     """An attention that drops the cached keys/values of earlier positions is caught by the
     position check; the sweep then recomputes every position, still from the first layer."""
-    for cls, method in ((_engine._BridgeKV, "update"), (_engine._HookedKV, "append")):
+    for cls, method in ((adapter.PrefixKV, "update"), (adapter.PrefixKV, "append")):
         original = getattr(cls, method)
 
         def forgetful(self, key, value, *args, _original=original, **kwargs):

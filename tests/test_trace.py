@@ -185,7 +185,7 @@ def test_window_and_frozen_layers():
 
 def test_restoring_every_position_at_layer_zero_recovers_clean(tiny, setup):
     prompt, corrupted, metric, _ = setup
-    from kloc_lens._engine import Patch, Run, Source, execute
+    from kloc_lens.engine import Patch, Run, Source, execute
 
     site = kl.get_site("resid_pre")
     out = execute(
