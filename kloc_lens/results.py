@@ -6,6 +6,12 @@ layers, positions, heads and token strings of each axis, the spans of the prompt
 direction, the metric, the corruption, and the unpatched clean and corrupted scores. Results turn
 into tidy pandas DataFrames and save to / load from one ``.safetensors`` file without loss.
 
+A saved file's metadata carries the format tag ``kloc_lens.result/<version>`` (see
+:data:`RESULT_FORMAT`), the result class and its labels as JSON; :func:`load_result` refuses a
+file of another format, a newer version, a truncated file, labels that are malformed or of the
+wrong type, and a tensor whose shape disagrees with its labels, each with a :class:`ResultError`.
+Files written before the tag existed (class and labels only) read as version 0.
+
 Example:
     >>> import torch
     >>> r = LayerPosResult(values=torch.tensor([[0.5, 0.9]]), layers=(0,), positions=(0, 1),
@@ -24,7 +30,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import pandas as pd
 import torch
@@ -32,10 +38,12 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from kloc_lens._formats import read_tag, tag
 from kloc_lens.errors import ResultError
 from kloc_lens.types import Direction, LayerHead, LayerPos, LayerPosHead, TraceKind
 
 __all__ = [
+    "RESULT_FORMAT",
     "AggregateSet",
     "AggregateTrace",
     "LayerHeadResult",
@@ -46,6 +54,20 @@ __all__ = [
     "TraceSet",
     "load_result",
 ]
+
+
+RESULT_FORMAT = "kloc_lens.result"
+"""The format name in the metadata of every saved result (with :data:`RESULT_VERSION`)."""
+RESULT_VERSION = 1
+"""The layout version written; files of a higher version are refused."""
+
+
+def _file_meta(cls_name: str, labels: Any) -> dict[str, str]:
+    return {
+        "format": tag(RESULT_FORMAT, RESULT_VERSION),
+        "class": cls_name,
+        "labels": json.dumps(labels),
+    }
 
 
 @dataclass(frozen=True)
@@ -156,30 +178,37 @@ class PatchResult:
         """Write the result to one ``.safetensors`` file (tensor + labels as metadata)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"class": type(self).__name__, "labels": json.dumps(self._meta())}
+        meta = _file_meta(type(self).__name__, self._meta())
         save_file({"values": self.values.detach().cpu().contiguous()}, str(path), metadata=meta)
         return path
 
     @classmethod
-    def _from_parts(cls, values: Tensor, meta: dict[str, Any]) -> PatchResult:
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name == "values":
-                continue
-            if f.name not in meta:
-                raise ResultError(f"result file lacks field {f.name!r}")
-            value = meta[f.name]
-            if f.name == "direction":
-                value = Direction(value)
-            elif f.name in ("kind",):
-                value = TraceKind(value)
-            elif f.name == "severed":
-                value = None if value is None else TraceKind(value)
-            elif f.name == "spans":
-                value = {k: (int(v[0]), int(v[1])) for k, v in value.items()}
-            elif isinstance(value, list):
-                value = tuple(value)
-            kwargs[f.name] = value
+    def load(cls, path: str | Path) -> PatchResult:
+        """Read a result of this class written by :meth:`save`.
+
+        Raises:
+            ResultError: The file is not a kloc_lens result, or holds another class.
+        """
+        return _expect(load_result(path), cls, path)
+
+    @classmethod
+    def _from_parts(cls, values: Tensor, meta: Any, source: str) -> PatchResult:
+        labels = _Labels(meta, source)
+        kwargs = {f.name: labels.field(f.name) for f in fields(cls) if f.name != "values"}
+        shape = tuple(len(kwargs[_AXIS_FIELD[d]]) for d in cls.dims)
+        if tuple(values.shape) != shape:
+            axes = ", ".join(f"{len(kwargs[_AXIS_FIELD[d]])} {d}s" for d in cls.dims)
+            raise ResultError(
+                f"{source}: values have shape {tuple(values.shape)}, but the labels name {axes} "
+                f"(shape {shape})"
+            )
+        n_tokens = len(kwargs["str_tokens"])
+        if n_tokens and "pos" in cls.dims:
+            outside = [p for p in kwargs["positions"] if not 0 <= p < n_tokens]
+            if outside:
+                raise ResultError(
+                    f"{source}: positions {outside} lie outside the {n_tokens} tokens of the prompt"
+                )
         return cls(values=values, **kwargs)
 
 
@@ -292,11 +321,23 @@ class TraceSet:
         """Write every trace to one ``.safetensors`` file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"trace{i}": t.values.detach().cpu().contiguous() for i, t in enumerate(self)}
+        # copies: traces may share one tensor, which safetensors refuses to write twice
+        tensors = {
+            f"trace{i}": t.values.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for i, t in enumerate(self)
+        }
         labels = [t._meta() for t in self.traces]
-        meta = {"class": "TraceSet", "labels": json.dumps(labels)}
-        save_file(tensors, str(path), metadata=meta)
+        save_file(tensors, str(path), metadata=_file_meta("TraceSet", labels))
         return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TraceSet:
+        """Read a trace set written by :meth:`save`.
+
+        Raises:
+            ResultError: The file is not a kloc_lens result, or holds another class.
+        """
+        return _expect(load_result(path), cls, path)
 
 
 BinMeans = Float[Tensor, "bin layer"]
@@ -395,21 +436,21 @@ class AggregateTrace:
         }
 
     @classmethod
-    def _from_labels(cls, mean: Tensor, stderr: Tensor, labels: dict[str, Any]) -> AggregateTrace:
-        return cls(
-            mean=mean,
-            stderr=stderr,
-            counts=tuple(labels["counts"]),
-            bins=tuple(labels["bins"]),
-            layers=tuple(labels["layers"]),
-            kind=TraceKind(labels["kind"]),
-            severed=None if labels["severed"] is None else TraceKind(labels["severed"]),
-            window=int(labels["window"]),
-            span=labels["span"],
-            n_facts=int(labels["n_facts"]),
-            clean_score=float(labels["clean_score"]),
-            corrupted_score=float(labels["corrupted_score"]),
-        )
+    def _from_labels(cls, mean: Tensor, stderr: Tensor, meta: Any, source: str) -> AggregateTrace:
+        labels = _Labels(meta, source)
+        kwargs = {f.name: labels.field(f.name) for f in fields(cls) if f.name not in _TENSORS}
+        shape = (len(kwargs["bins"]), len(kwargs["layers"]))
+        for name, tensor in (("mean", mean), ("stderr", stderr)):
+            if tuple(tensor.shape) != shape:
+                raise ResultError(
+                    f"{source}: {name} has shape {tuple(tensor.shape)}, but the labels name "
+                    f"{shape[0]} bins and {shape[1]} layers (shape {shape})"
+                )
+        if len(kwargs["counts"]) != shape[0]:
+            raise ResultError(
+                f"{source}: {len(kwargs['counts'])} counts for {shape[0]} bins {kwargs['bins']}"
+            )
+        return cls(mean=mean, stderr=stderr, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -449,50 +490,211 @@ class AggregateSet:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, Tensor] = {}
         for i, trace in enumerate(self.traces):
-            tensors[f"mean{i}"] = trace.mean.detach().cpu().contiguous()
-            tensors[f"stderr{i}"] = trace.stderr.detach().cpu().contiguous()
-        labels = json.dumps([t._labels() for t in self.traces])
-        save_file(tensors, str(path), metadata={"class": "AggregateSet", "labels": labels})
+            tensors[f"mean{i}"] = (
+                trace.mean.detach().cpu().clone(memory_format=torch.contiguous_format)
+            )
+            tensors[f"stderr{i}"] = (
+                trace.stderr.detach().cpu().clone(memory_format=torch.contiguous_format)
+            )
+        labels = [t._labels() for t in self.traces]
+        save_file(tensors, str(path), metadata=_file_meta("AggregateSet", labels))
         return path
 
     @classmethod
-    def _from_parts(cls, tensors: dict[str, Tensor], labels: list[dict[str, Any]]) -> AggregateSet:
+    def load(cls, path: str | Path) -> AggregateSet:
+        """Read an aggregate set written by :meth:`save`.
+
+        Raises:
+            ResultError: The file is not a kloc_lens result, or holds another class.
+        """
+        return _expect(load_result(path), cls, path)
+
+    @classmethod
+    def _from_parts(cls, tensors: dict[str, Tensor], labels: Any, source: str) -> AggregateSet:
+        items = _label_list(labels, source)
         return cls(
             tuple(
-                AggregateTrace._from_labels(tensors[f"mean{i}"], tensors[f"stderr{i}"], label)
-                for i, label in enumerate(labels)
+                AggregateTrace._from_labels(
+                    _tensor(tensors, f"mean{i}", source),
+                    _tensor(tensors, f"stderr{i}", source),
+                    label,
+                    f"{source} aggregate {i}",
+                )
+                for i, label in enumerate(items)
             )
         )
+
+
+_AXIS_FIELD = {"layer": "layers", "pos": "positions", "head": "heads"}
+_TENSORS = ("values", "mean", "stderr")
+
+R = TypeVar("R")
+
+
+class _Labels:
+    """Typed access to the JSON labels of one result; every error names the file and field."""
+
+    def __init__(self, data: Any, source: str) -> None:
+        if not isinstance(data, dict):
+            raise ResultError(f"{source}: labels are a {type(data).__name__}, expected an object")
+        self.data = data
+        self.source = source
+
+    def _bad(self, name: str, expected: str) -> ResultError:
+        return ResultError(
+            f"{self.source}: label {name!r} is {self.data[name]!r}, expected {expected}"
+        )
+
+    def field(self, name: str) -> Any:
+        if name not in self.data:
+            raise ResultError(f"{self.source}: labels lack field {name!r}")
+        value = self.data[name]
+        reader = _READERS.get(name)
+        if reader is None:  # a field this module does not know how to read: a bug, not the file
+            raise ResultError(f"{self.source}: no reader for label {name!r}")
+        return reader(self, name, value)
+
+    def ints(self, name: str, value: Any) -> tuple[int, ...]:
+        if not isinstance(value, list) or not all(_is_int(v) for v in value):
+            raise self._bad(name, "a list of integers")
+        return tuple(value)
+
+    def strs(self, name: str, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self._bad(name, "a list of strings")
+        return tuple(value)
+
+    def text(self, name: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self._bad(name, "a string")
+        return value
+
+    def integer(self, name: str, value: Any) -> int:
+        if not _is_int(value):
+            raise self._bad(name, "an integer")
+        return int(value)
+
+    def number(self, name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._bad(name, "a number")
+        return float(value)
+
+    def direction(self, name: str, value: Any) -> Direction:
+        return self._enum(name, value, Direction)
+
+    def kind(self, name: str, value: Any) -> TraceKind:
+        return self._enum(name, value, TraceKind)
+
+    def severed(self, name: str, value: Any) -> TraceKind | None:
+        return None if value is None else self._enum(name, value, TraceKind)
+
+    def _enum(self, name: str, value: Any, kind: type[Direction] | type[TraceKind]) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            options = ", ".join(repr(member.value) for member in kind)
+            raise self._bad(name, f"one of {options}") from None
+
+    def spans(self, name: str, value: Any) -> dict[str, tuple[int, int]]:
+        if not isinstance(value, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(_is_int(i) for i in v)
+            for v in value.values()
+        ):
+            raise self._bad(name, "an object of [start, end] integer pairs")
+        return {k: (int(v[0]), int(v[1])) for k, v in value.items()}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_READERS = {
+    "layers": _Labels.ints,
+    "positions": _Labels.ints,
+    "heads": _Labels.ints,
+    "counts": _Labels.ints,
+    "str_tokens": _Labels.strs,
+    "bins": _Labels.strs,
+    "spans": _Labels.spans,
+    "site": _Labels.text,
+    "metric": _Labels.text,
+    "corruption": _Labels.text,
+    "target": _Labels.text,
+    "span": _Labels.text,
+    "direction": _Labels.direction,
+    "kind": _Labels.kind,
+    "severed": _Labels.severed,
+    "window": _Labels.integer,
+    "n_facts": _Labels.integer,
+    "clean_score": _Labels.number,
+    "corrupted_score": _Labels.number,
+}
+
+
+def _label_list(labels: Any, source: str) -> list[Any]:
+    if not isinstance(labels, list):
+        raise ResultError(f"{source}: labels are a {type(labels).__name__}, expected a list")
+    return labels
+
+
+def _tensor(tensors: dict[str, Tensor], name: str, source: str) -> Tensor:
+    if name not in tensors:
+        have = ", ".join(sorted(tensors)) or "none"
+        raise ResultError(f"{source} lacks the tensor {name!r} its labels describe (has: {have})")
+    return tensors[name]
+
+
+def _expect(result: object, cls: type[R], path: str | Path) -> R:
+    if not isinstance(result, cls):
+        raise ResultError(
+            f"{str(Path(path))!r} holds a {type(result).__name__}, not a {cls.__name__}; "
+            "read it with kloc_lens.load_result"
+        )
+    return result
 
 
 def load_result(path: str | Path) -> PatchResult | TraceSet | AggregateSet:
     """Read a result written by ``save``.
 
     Raises:
-        ResultError: The file is not a kloc_lens result.
+        ResultError: The file is missing, not a safetensors file or a truncated one, of another
+            format or a newer version, or its labels are malformed, of the wrong type, or disagree
+            with the shape of its tensors.
     """
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.exists():
-        raise ResultError(f"no result file at {str(path)!r}")
+    source = repr(str(path))
+    if not path.is_file():
+        raise ResultError(f"no result file at {source}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
         tensors = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types
-        raise ResultError(f"{str(path)!r} is not a safetensors result file: {err}") from err
+        raise ResultError(
+            f"{source} is not a safetensors result file (damaged or truncated?): {err}"
+        ) from err
     name = meta.get("class")
+    if "format" in meta:
+        read_tag(meta["format"], RESULT_FORMAT, RESULT_VERSION, source, ResultError)
     if name is None or "labels" not in meta:
-        raise ResultError(f"{str(path)!r} carries no kloc_lens result metadata")
-    labels = json.loads(meta["labels"])
+        raise ResultError(f"{source} carries no kloc_lens result metadata")
+    try:
+        labels = json.loads(meta["labels"])
+    except json.JSONDecodeError as err:
+        raise ResultError(f"{source}: its labels are not valid JSON ({err})") from None
     if name == "AggregateSet":
-        return AggregateSet._from_parts(tensors, labels)
+        return AggregateSet._from_parts(tensors, labels, source)
     if name == "TraceSet":
         traces = tuple(
-            TraceResult._from_parts(tensors[f"trace{i}"], labels[i]) for i in range(len(labels))
+            TraceResult._from_parts(
+                _tensor(tensors, f"trace{i}", source), label, f"{source} trace {i}"
+            )
+            for i, label in enumerate(_label_list(labels, source))
         )
         return TraceSet(traces)  # type: ignore[arg-type]
     if name not in _CLASSES:
-        raise ResultError(f"{str(path)!r} holds an unknown result class {name!r}")
-    return _CLASSES[name]._from_parts(tensors["values"], labels)
+        known = ", ".join(["AggregateSet", "TraceSet", *_CLASSES])
+        raise ResultError(f"{source} holds an unknown result class {name!r} (known: {known})")
+    return _CLASSES[name]._from_parts(_tensor(tensors, "values", source), labels, source)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kloc_lens as kl
 from kloc_lens.edit import (
     EditError,
     EditRequest,
@@ -124,6 +125,34 @@ def test_statistics_are_checked_against_model_layer_and_shape(tiny, planted, tmp
         load_second_moment(tmp_path / "junk.safetensors")
     with pytest.raises(EditError, match="no statistics file"):
         load_second_moment(tmp_path / "missing.safetensors")
+
+
+def test_statistics_files_carry_a_versioned_format(tiny, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tiny_stats = second_moment(tiny, 1, CORPUS, progress=False)
+    path = tiny_stats.save(tmp_path / "tiny.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        meta = dict(handle.metadata())
+    assert meta["format"] == "kloc_lens.SecondMoment/1"
+    newer = {**meta, "format": "kloc_lens.SecondMoment/2"}
+    save_file(load_file(str(path)), str(path), metadata=newer)
+    with pytest.raises(EditError, match="SecondMoment format version 2, newer than this kloc_lens"):
+        load_second_moment(path)
+    cut = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(cut[: len(cut) // 2])
+    with pytest.raises(EditError, match="damaged or truncated"):
+        load_second_moment(tmp_path / "cut.safetensors")
+    result = kl.LayerPosResult(
+        values=torch.zeros(1, 1), layers=(0,), positions=(0,), heads=(), str_tokens=(),
+        spans={}, site="resid_pre", direction=kl.Direction.RESTORE, metric="m", corruption="c",
+        clean_score=1.0, corrupted_score=0.0,
+    )  # fmt: skip
+    with pytest.raises(EditError, match="is a 'kloc_lens.result' file, not a 'kloc_lens.SecondM"):
+        load_second_moment(result.save(tmp_path / "result.safetensors"))
+    with pytest.raises(kl.ResultError, match="is a 'kloc_lens.SecondMoment' file, not a 'kloc_"):
+        kl.load_result(tiny_stats.save(tmp_path / "stats.safetensors"))
 
 
 def test_empty_corpus_is_refused(tiny):

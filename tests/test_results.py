@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jaxtyping
 import pytest
 import torch
@@ -111,3 +113,167 @@ def test_results_are_frozen_and_shape_checked(tiny, prompt, metric):
     # the jaxtyping hook checks annotated shapes at construction (tests run with it on)
     with pytest.raises(jaxtyping.TypeCheckError, match="values"):
         kl.LayerPosResult(**{**result.__dict__, "values": torch.zeros(2, 3, 4)})
+
+
+def _layer_pos() -> kl.LayerPosResult:
+    return kl.LayerPosResult(
+        values=torch.tensor([[0.5, 0.9, 0.1]]),
+        layers=(0,),
+        positions=(0, 1, 2),
+        heads=(),
+        str_tokens=("The", " cat", " sat"),
+        spans={"subject": (1, 2)},
+        site="resid_pre",
+        direction=kl.Direction.RESTORE,
+        metric="p(target)",
+        corruption="noise",
+        clean_score=1.0,
+        corrupted_score=0.5,
+    )
+
+
+def _rewrite(path, *, tensors=None, **meta):
+    """Rewrite a saved result with some tensors or metadata entries replaced (None: dropped)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        old = dict(handle.metadata())
+    old.update(meta)
+    old = {k: v for k, v in old.items() if v is not None}
+    save_file(tensors if tensors is not None else load_file(str(path)), str(path), metadata=old)
+    return path
+
+
+def _labels(path):
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads(handle.metadata()["labels"])
+
+
+def test_saved_results_carry_their_format_and_version(tmp_path):
+    from safetensors import safe_open
+
+    path = _layer_pos().save(tmp_path / "r.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["format"] == "kloc_lens.result/1" and meta["class"] == "LayerPosResult"
+    _same(_layer_pos(), kl.LayerPosResult.load(path))
+    # a file written before the tag existed (class and labels only) still reads
+    _same(_layer_pos(), kl.load_result(_rewrite(path, format=None)))
+
+
+def test_other_formats_newer_versions_and_truncated_files_are_refused(tmp_path):
+    path = _layer_pos().save(tmp_path / "r.safetensors")
+    with pytest.raises(kl.ResultError, match="format version 2, newer than this kloc_lens reads"):
+        kl.load_result(_rewrite(path, format="kloc_lens.result/2"))
+    with pytest.raises(kl.ResultError, match="is a 'kloc_lens.SecondMoment' file, not a"):
+        kl.load_result(_rewrite(path, format="kloc_lens.SecondMoment/1"))
+    with pytest.raises(kl.ResultError, match="format tag 'result', expected 'kloc_lens.result/"):
+        kl.load_result(_rewrite(path, format="result"))
+    with pytest.raises(kl.ResultError, match="format version 'one'; expected a positive integer"):
+        kl.load_result(_rewrite(path, format="kloc_lens.result/one"))
+    whole = _layer_pos().save(tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) - 5])
+    with pytest.raises(kl.ResultError, match="damaged or truncated"):
+        kl.load_result(tmp_path / "cut.safetensors")
+
+
+def test_a_file_of_another_class_is_refused(tmp_path):
+    path = _layer_pos().save(tmp_path / "r.safetensors")
+    with pytest.raises(kl.ResultError, match="holds a LayerPosResult, not a TraceSet"):
+        kl.TraceSet.load(path)
+    with pytest.raises(kl.ResultError, match="holds a LayerPosResult, not a LayerHeadResult"):
+        kl.LayerHeadResult.load(path)
+    with pytest.raises(kl.ResultError, match="unknown result class 'Mystery'"):
+        kl.load_result(_rewrite(path, **{"class": "Mystery"}))
+
+
+def test_labels_must_be_json_of_the_right_types_and_match_the_tensor(tmp_path):
+    import json
+
+    path = _layer_pos().save(tmp_path / "r.safetensors")
+    good = _labels(path)
+    with pytest.raises(kl.ResultError, match="labels are not valid JSON"):
+        kl.load_result(_rewrite(path, labels='{"layers": [0,'))
+    cases = [
+        ({"layers": ["0"]}, "label 'layers' is \\['0'\\], expected a list of integers"),
+        ({"layers": [True]}, "expected a list of integers"),
+        ({"direction": "sideways"}, "label 'direction' is 'sideways', expected one of 'restore'"),
+        ({"clean_score": "1.0"}, "label 'clean_score' is '1.0', expected a number"),
+        ({"site": 3}, "label 'site' is 3, expected a string"),
+        ({"spans": {"subject": [1]}}, "label 'spans' .* expected an object of \\[start, end\\]"),
+        ({"str_tokens": ["The", 2, " sat"]}, "expected a list of strings"),
+        ({"positions": [0, 1]}, "values have shape \\(1, 3\\), but the labels name 1 layers, "),
+        ({"positions": [0, 1, 7]}, "positions \\[7\\] lie outside the 3 tokens"),
+    ]
+    for change, match in cases:
+        _rewrite(path, labels=json.dumps({**good, **change}))
+        with pytest.raises(kl.ResultError, match=match):
+            kl.load_result(path)
+    _rewrite(path, labels=json.dumps({k: v for k, v in good.items() if k != "site"}))
+    with pytest.raises(kl.ResultError, match="labels lack field 'site'"):
+        kl.load_result(path)
+    _rewrite(path, labels=json.dumps([good]))
+    with pytest.raises(kl.ResultError, match="labels are a list, expected an object"):
+        kl.load_result(path)
+    _rewrite(path, labels=json.dumps(good), tensors={"other": torch.zeros(1, 3)})
+    with pytest.raises(kl.ResultError, match="lacks the tensor 'values'"):
+        kl.load_result(path)
+
+
+def test_trace_and_aggregate_sets_check_their_labels(tmp_path):
+    import json
+
+    trace = kl.TraceResult(
+        **{f.name: getattr(_layer_pos(), f.name) for f in dataclasses.fields(_layer_pos())},
+        kind=kl.TraceKind.MLP,
+        window=3,
+        severed=None,
+        target="Paris",
+    )
+    path = kl.TraceSet((trace, trace)).save(tmp_path / "t.safetensors")
+    assert len(kl.TraceSet.load(path)) == 2
+    good = _labels(path)
+    _rewrite(path, labels=json.dumps([good[0], {**good[1], "window": 2.5}]))
+    with pytest.raises(kl.ResultError, match="trace 1: label 'window' is 2.5, expected an integer"):
+        kl.load_result(path)
+    _rewrite(path, labels=json.dumps([good[0], {**good[1], "kind": "neuron"}]))
+    with pytest.raises(kl.ResultError, match="label 'kind' is 'neuron', expected one of 'resid'"):
+        kl.load_result(path)
+    _rewrite(path, labels=json.dumps(good[0]))
+    with pytest.raises(kl.ResultError, match="labels are a dict, expected a list"):
+        kl.load_result(path)
+    _rewrite(path, labels=json.dumps([*good, good[0]]))
+    with pytest.raises(kl.ResultError, match="lacks the tensor 'trace2'"):
+        kl.load_result(path)
+
+    aggregate = kl.results.AggregateTrace(
+        mean=torch.zeros(2, 3),
+        stderr=torch.zeros(2, 3),
+        counts=(4, 4),
+        bins=("subject", "last"),
+        layers=(0, 1, 2),
+        kind=kl.TraceKind.RESID,
+        severed=None,
+        window=1,
+        span="subject",
+        n_facts=4,
+        clean_score=0.9,
+        corrupted_score=0.1,
+    )
+    path = kl.results.AggregateSet((aggregate,)).save(tmp_path / "a.safetensors")
+    assert kl.results.AggregateSet.load(path).traces[0].counts == (4, 4)
+    good = _labels(path)
+    _rewrite(path, labels=json.dumps([{**good[0], "layers": [0, 1]}]))
+    with pytest.raises(kl.ResultError, match="mean has shape \\(2, 3\\), but the labels name 2 "):
+        kl.load_result(path)
+    _rewrite(path, labels=json.dumps([{**good[0], "counts": [4]}]))
+    with pytest.raises(kl.ResultError, match="1 counts for 2 bins"):
+        kl.load_result(path)
+    _rewrite(path, labels=json.dumps([{**good[0], "n_facts": "4"}]))
+    with pytest.raises(kl.ResultError, match="label 'n_facts' is '4', expected an integer"):
+        kl.load_result(path)

@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kloc_lens._formats import read_tag, tag
 from kloc_lens.edit._errors import EditError, choice
 from kloc_lens.edit._tokens import bos_id, encode, pad_rows
 from kloc_lens.edit.projection import Projection
@@ -59,7 +60,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = "kloc_lens.SecondMoment/1"
+_FORMAT = "kloc_lens.SecondMoment"
+_VERSION = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,7 +155,7 @@ class SecondMoment:
             "projection": self.projection.value,
             "corpus": self.corpus,
         }
-        meta = {"format": _FORMAT, "labels": json.dumps(labels)}
+        meta = {"format": tag(_FORMAT, _VERSION), "labels": json.dumps(labels)}
         save_file({"matrix": self.matrix.detach().cpu().contiguous()}, str(path), metadata=meta)
         return path
 
@@ -170,10 +172,14 @@ class SecondMoment:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
+        except Exception as err:  # safetensors raises its own error types
+            raise EditError(
+                f"{str(path)!r} is not a kloc_lens statistics file (damaged or truncated?): {err}"
+            ) from err
+        read_tag(meta.get("format"), _FORMAT, _VERSION, repr(str(path)), EditError)
+        try:
             tensors = load_file(str(path))
             labels = json.loads(meta["labels"])
-            if meta.get("format") != _FORMAT:
-                raise KeyError("format")
             return cls(
                 matrix=tensors["matrix"].float(),
                 count=int(labels["count"]),
