@@ -86,7 +86,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any
 
 import pandas as pd
 import torch
@@ -94,7 +94,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kloc_lens.corrupt import Corruption
-from kloc_lens.errors import KlocLensError, SiteError, SweepError
+from kloc_lens.errors import HookNotFiredError, KlocLensError, SiteError, SweepError, choice
 from kloc_lens.metrics import check_metric_value, metric_name
 from kloc_lens.model import check_model
 from kloc_lens.results import LayerHeadResult, LayerPosHeadResult, LayerPosResult, PatchResult
@@ -138,18 +138,6 @@ class AttributionMethod(str, Enum):
     gradient dropped, combined as ``sum |.| / (L - 1)``); an unsigned size for ranking."""
 
 
-_E = TypeVar("_E", bound=Enum)
-
-
-def _choice(enum: type[_E], value: Any, argument: str, error: type[KlocLensError]) -> _E:
-    """Parse ``value`` as a member of ``enum``, or raise ``error`` naming the valid values."""
-    try:
-        return enum(value)
-    except ValueError:
-        valid = ", ".join(repr(member.value) for member in enum)
-        raise error(f"{argument} must be one of {valid}; got {value!r}") from None
-
-
 @dataclass(frozen=True)
 class _Request:
     """A parsed attribution request (what activation_patching would sweep)."""
@@ -184,12 +172,22 @@ def _parse(
     method: AttributionMethod | str,
 ) -> _Request:
     site = get_site(site)
-    sweep_kind = _choice(Sweep, sweep, "sweep", SweepError)
-    flow = _choice(Direction, direction, "direction", SweepError)
-    how = _choice(AttributionMethod, method, "method", AttributionError)
+    sweep_kind = choice(Sweep, sweep, "sweep", SweepError)
+    flow = choice(Direction, direction, "direction", SweepError)
+    how = choice(AttributionMethod, method, "method", AttributionError)
     if sweep_kind is not Sweep.LAYER_POS and not site.has_heads:
         raise SiteError(
             f"site {site.name!r} has no head axis; a {sweep_kind.value} sweep needs one"
+        )
+    if heads is not None and sweep_kind is Sweep.LAYER_POS:
+        raise SweepError(
+            f"heads={list(heads)!r} is given, but a layer_pos sweep patches every head at once; "
+            "use sweep='layer_head' or 'layer_pos_head' to sweep heads"
+        )
+    if positions is not None and sweep_kind is Sweep.LAYER_HEAD:
+        raise SweepError(
+            f"positions={list(positions)!r} is given, but a layer_head sweep patches every "
+            "position at once; use sweep='layer_pos' or 'layer_pos_head' to sweep positions"
         )
     clean_run, corrupted_run, prompt, description = _resolve_inputs(model, clean, corrupted)
     n_clean, n_corrupted = int(clean_run.tokens.shape[0]), int(corrupted_run.tokens.shape[0])
@@ -370,7 +368,9 @@ def _base_run(
         )
     missing = sorted((probed | captured) - set(acts))
     if missing:
-        raise SiteError(f"hook point(s) {missing[:3]} did not fire in the forward pass")
+        raise HookNotFiredError(
+            f"hook point(s) {missing[:3]} never ran in the forward pass of the base input"
+        )
     return _BaseRun(value=value, score=score, probes=probes, acts=acts, discarded=discarded)
 
 
@@ -680,10 +680,12 @@ def attribution_patching(
             model, or attention the QK fix cannot reproduce.
         SiteError: Unknown site, a head sweep on a site without heads, or a hook whose output
             the model discards.
-        SweepError: Unknown sweep or direction, inputs of different lengths, or
-            layers/positions/heads out of range.
-        MetricError: The metric does not return one number.
+        SweepError: Unknown sweep or direction, inputs of different lengths,
+            layers/positions/heads out of range, heads on a layer_pos sweep or positions on a
+            layer_head sweep.
+        MetricError: The metric does not return one finite number.
         ModelError: The model is in train mode or lacks the site's hook points.
+        HookNotFiredError: A hook point of the site never ran in the forward pass.
 
     Example:
         >>> import kloc_lens as kl

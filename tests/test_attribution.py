@@ -222,14 +222,17 @@ def tiny3():
 @pytest.mark.parametrize("method", ["atp", "atp_qk", "atp*"])
 def test_same_result_class_and_labels_as_activation_patching(tiny3, tmp_path, site, sweep, method):
     model, prompt, corrupted, metric = tiny3
+    subset = {}
+    if sweep != "layer_head":
+        subset["positions"] = [0, 5, 6, 7]
+    if sweep != "layer_pos":
+        subset["heads"] = [1, 3]
     exact = kl.activation_patching(
-        model, prompt, corrupted, metric, site=site, sweep=sweep, heads=[1, 3],
-        positions=[0, 5, 6, 7], progress=False,
-    )  # fmt: skip
+        model, prompt, corrupted, metric, site=site, sweep=sweep, progress=False, **subset
+    )
     estimate = attribution_patching(
-        model, prompt, corrupted, metric, site=site, sweep=sweep, heads=[1, 3],
-        positions=[0, 5, 6, 7], method=method,
-    )  # fmt: skip
+        model, prompt, corrupted, metric, site=site, sweep=sweep, method=method, **subset
+    )
     assert type(estimate) is type(exact)
     for field in ("layers", "positions", "heads", "str_tokens", "spans", "site", "direction",
                   "metric", "corruption"):  # fmt: skip
@@ -536,6 +539,11 @@ def test_bad_input_names_the_argument_and_the_choices(tiny3):
         attribution_patching(model, prompt, corrupted, metric, direction="both")
     with pytest.raises(kl.SiteError, match="site 'mlp_out' has no head axis"):
         attribution_patching(model, prompt, corrupted, metric, site="mlp_out", sweep="layer_head")
+    with pytest.raises(kl.SweepError, match="heads=\\[1\\] is given, but a layer_pos sweep"):
+        attribution_patching(model, prompt, corrupted, metric, heads=[1])
+    with pytest.raises(kl.SweepError, match="positions=\\[1\\] is given, but a layer_head"):
+        attribution_patching(model, prompt, corrupted, metric, site="z", sweep="layer_head",
+                             positions=[1])  # fmt: skip
     with pytest.raises(kl.SweepError, match=r"layers \[7\] outside 0..2"):
         attribution_patching(model, prompt, corrupted, metric, layers=[7])
     with pytest.raises(kl.SweepError, match="differ in length"):
