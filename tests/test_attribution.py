@@ -19,6 +19,8 @@ from kloc_lens.attribution import (
 )
 
 pytestmark = pytest.mark.one_thread
+# Tests marked `substrate` also run on a TransformerLens 3.9 HookedTransformer; the others use
+# identity MLP activations and float64 models, which a HookedTransformer does not load.
 
 FACT = kl.Fact("Danielle Darrieux", "mother tongue", "French")
 TOL = 1e-5
@@ -216,6 +218,7 @@ def tiny3():
     return model, prompt, corrupted, kl.LogitDiff(answer, wrong)
 
 
+@pytest.mark.substrate
 @pytest.mark.parametrize(
     ("site", "sweep"), [("resid_pre", "layer_pos"), ("z", "layer_head"), ("k", "layer_pos_head")]
 )
@@ -416,6 +419,7 @@ def _graddrop_loop(model, base, source, metric, site, sweep):
     return total / (n_layers - 1)
 
 
+@pytest.mark.substrate
 @pytest.mark.parametrize("direction", ["restore", "inject"])
 @pytest.mark.parametrize(
     ("site", "sweep", "layers"),
@@ -453,6 +457,7 @@ def test_graddrop_equals_the_per_layer_stop_gradient_loop(tiny3, site, sweep, la
 # ---- the QK fix on saturated attention --------------------------------------------------------
 
 
+@pytest.mark.substrate
 def test_qk_fix_on_saturated_attention(planted):
     """The planted mover head attends from the last position to the subject's last token with
     probability ~1 (score ~25 against ~8 for <bos>). Injecting the key of a prompt whose subject
@@ -491,6 +496,7 @@ def test_qk_fix_on_saturated_attention(planted):
 # ---- screen then patch ------------------------------------------------------------------------
 
 
+@pytest.mark.substrate
 @pytest.mark.parametrize(
     ("site", "sweep", "top_k"),
     [("mlp_out", "layer_pos", 3), ("z", "layer_pos_head", 5), ("z", "layer_head", 4)],
@@ -529,6 +535,7 @@ def test_screen_then_patch_equals_the_full_exact_sweep_on_the_top_k(planted, sit
 # ---- bad input and hygiene --------------------------------------------------------------------
 
 
+@pytest.mark.substrate
 def test_bad_input_names_the_argument_and_the_choices(tiny3):
     model, prompt, corrupted, metric = tiny3
     with pytest.raises(AttributionError, match=r"method must be one of 'atp', 'atp_qk', 'atp\*'"):
@@ -561,6 +568,7 @@ def test_bad_input_names_the_argument_and_the_choices(tiny3):
         attribution_patching(one_layer, prompt, corrupted, metric, method="atp*")
 
 
+@pytest.mark.substrate
 def test_no_hook_outlives_a_call_also_when_it_raises(tiny3):
     model, prompt, corrupted, metric = tiny3
 

@@ -20,6 +20,8 @@ from kloc_lens.neurons import (
 )
 
 pytestmark = pytest.mark.one_thread
+# Tests marked `substrate` also run on a TransformerLens 3.9 HookedTransformer; the others use
+# float64 models, which a HookedTransformer loads as float32.
 
 TEXTS = ["The mother tongue of Danielle Darrieux is", "Edwin Hubble works in the field of"]
 
@@ -141,6 +143,7 @@ def test_selection_rule_thresholds_and_shares():
         attribution.select(0.2, 1.0)
 
 
+@pytest.mark.substrate
 def test_planted_lookup_neurons_are_found_and_suppression_removes_the_fact(planted):
     """Planted neuron i of the lookup layer fires on subject i's last token (ground truth)."""
     model, facts = planted
@@ -193,6 +196,7 @@ def test_suppressing_knowledge_neurons_beats_random_neurons_on_factworld():
     assert mean - 2 * stderr > 0, f"mean gap {mean:.3f} +- {stderr:.3f}, sizes {sizes}"
 
 
+@pytest.mark.substrate
 def test_hooks_scale_exactly_there_and_never_outlive_the_block(tiny):
     model = tiny
     tokens = model.to_tokens(TEXTS[0])
@@ -228,6 +232,7 @@ def test_hooks_scale_exactly_there_and_never_outlive_the_block(tiny):
     assert attached() == before
 
 
+@pytest.mark.substrate
 def test_save_load_and_dataframe(tiny, tmp_path):
     found = knowledge_neurons(tiny, TEXTS, "French", layers=[1, 2], steps=3)
     loaded = NeuronAttribution.load(found.save(tmp_path / "kn.safetensors"))
@@ -242,6 +247,7 @@ def test_save_load_and_dataframe(tiny, tmp_path):
         NeuronAttribution.load(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.substrate
 def test_bad_input_is_named(tiny):
     with pytest.raises(NeuronError, match="steps must be >= 1, got 0"):
         knowledge_neurons(tiny, TEXTS[0], "French", steps=0)
