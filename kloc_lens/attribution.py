@@ -96,7 +96,7 @@ from torch import Tensor
 from kloc_lens.corrupt import Corruption
 from kloc_lens.errors import HookNotFiredError, KlocLensError, SiteError, SweepError, choice
 from kloc_lens.metrics import check_metric_value, metric_name
-from kloc_lens.model import check_model
+from kloc_lens.model import check_model, device_of
 from kloc_lens.results import LayerHeadResult, LayerPosHeadResult, LayerPosResult, PatchResult
 from kloc_lens.sites import Site, get_site
 from kloc_lens.trace import (
@@ -232,12 +232,6 @@ def _parse(
 # ---- the two runs ------------------------------------------------------------------------------
 
 
-def _device(model: Any) -> torch.device:
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
-
-
 def _embed_hooks(edit: Callable[[Tensor], Tensor] | None) -> list[tuple[str, Any]]:
     if edit is None:
         return []
@@ -267,8 +261,13 @@ def _source_run(
 
     fwd = _embed_hooks(request.source_edit) + [(name, saver(name)) for name in sorted(hooks)]
     with torch.no_grad():
-        logits = model.run_with_hooks(request.source_tokens.to(_device(model)), fwd_hooks=fwd)
+        logits = model.run_with_hooks(request.source_tokens.to(device_of(model)), fwd_hooks=fwd)
         score = float(check_metric_value(_score(model, metric, logits, request.rows), metric))
+    missing = sorted(hooks - set(store))
+    if missing:
+        raise HookNotFiredError(
+            f"hook point(s) {missing[:3]} never ran in the forward pass of the source input"
+        )
     return store, score
 
 
@@ -348,7 +347,7 @@ def _base_run(
         for layer in range(int(model.cfg.n_layers)):
             for name in (f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"):
                 fwd.append((name, gate_hook(layer, gates)))
-    tokens = request.base_tokens.to(_device(model)).expand(request.rows, -1)
+    tokens = request.base_tokens.to(device_of(model)).expand(request.rows, -1)
     with torch.enable_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         logits = model.run_with_hooks(tokens, fwd_hooks=fwd)

@@ -71,7 +71,7 @@ from kloc_lens.facts import (
     tokenize,
     tokenize_batch,
 )
-from kloc_lens.model import check_model, model_identity
+from kloc_lens.model import check_model, device_of, model_identity
 from kloc_lens.trace import PromptLike, _check_indices
 
 __all__ = [
@@ -510,7 +510,7 @@ def _integrate(
     row; in the rows of (prompt, layer) that layer's activations at the prompt's attributed
     position are ``alpha`` times their clean value, a leaf whose gradient the one backward pass
     returns. Prompts are padded on the right, which leaves their real positions unchanged."""
-    device = next(iter(model.parameters())).device
+    device = device_of(model)
     batch = tokenize_batch(model, list(items))
     tokens = batch.tokens.to(device)
     n_prompts, n_layers = len(items), len(hooks)
