@@ -24,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -76,6 +78,42 @@ def _where_label(where: str | Sequence[int]) -> str:
     return where if isinstance(where, str) else f"positions {list(where)}"
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_index(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
+
+
+def _check_span(span: object, owner: str) -> None:
+    """A span name or a sequence of integer positions; anything else is refused by name."""
+    if isinstance(span, str):
+        return
+    if not isinstance(span, (Sequence, Tensor)) or not all(_is_index(p) for p in span):
+        raise CorruptionError(
+            f"{owner}.span must be a span name ('subject', 'relation', 'object', 'last') or a "
+            f"sequence of integer positions, got {span!r}"
+        )
+
+
+def _check_positive(value: object, what: str) -> float:
+    """A finite number above zero (not a bool, a string or a tensor), else a named error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CorruptionError(
+            f"{what} must be a positive finite number, got {type(value).__name__} {value!r}"
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise CorruptionError(f"{what} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
 class Corruption(ABC):
     """A way to corrupt a prompt. Subclass it to add a scheme: implement :meth:`apply` and
     :meth:`describe`."""
@@ -108,7 +146,13 @@ def embedding_std(model: Any, prompts: Iterable[TokenizedPrompt], span: str = "s
         raise CorruptionError("embedding_std needs at least one prompt")
     with torch.no_grad():
         embeds = model.W_E[torch.tensor(ids, device=model.W_E.device)]
-    return float(embeds.float().std())
+    std = float(embeds.float().std())
+    if not math.isfinite(std):
+        raise CorruptionError(
+            f"the {span} token embeddings have standard deviation {std} (a single token, or "
+            "non-finite embeddings): no noise scale can be derived from them"
+        )
+    return std
 
 
 @dataclass(frozen=True)
@@ -136,10 +180,17 @@ class GaussianNoise(Corruption):
     replace: bool = False
 
     def __post_init__(self) -> None:
-        if self.samples < 1:
-            raise CorruptionError(f"GaussianNoise.samples must be >= 1, got {self.samples}")
-        if self.scale is not None and not self.scale > 0:
-            raise CorruptionError(f"GaussianNoise.scale must be > 0, got {self.scale}")
+        if not _is_int(self.samples) or self.samples < 1:
+            raise CorruptionError(
+                f"GaussianNoise.samples must be an integer >= 1, got {self.samples!r}"
+            )
+        if self.scale is not None:
+            _check_positive(self.scale, "GaussianNoise.scale")
+        if not _is_int(self.seed):
+            raise CorruptionError(f"GaussianNoise.seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.replace, bool):
+            raise CorruptionError(f"GaussianNoise.replace must be a bool, got {self.replace!r}")
+        _check_span(self.span, "GaussianNoise")
 
     @classmethod
     def from_prompts(
@@ -152,17 +203,33 @@ class GaussianNoise(Corruption):
         seed: int = 0,
         span: str | Sequence[int] = "subject",
     ) -> GaussianNoise:
-        """ROME's noise: ``factor`` x the std of the span's token embeddings over ``prompts``."""
+        """ROME's noise: ``factor`` x the std of the span's token embeddings over ``prompts``.
+
+        Raises:
+            CorruptionError: ``factor`` is not a positive finite number, or the embeddings'
+                standard deviation is not finite.
+        """
+        _check_positive(factor, "GaussianNoise.from_prompts factor")
         name = span if isinstance(span, str) else "subject"
         scale = factor * embedding_std(model, prompts, name)
         return cls(scale=scale, samples=samples, seed=seed, span=span)
 
     def resolved_scale(self, model: Any) -> float:
-        """The noise scale used on ``model``."""
+        """The noise scale used on ``model``.
+
+        Raises:
+            CorruptionError: The default scale (3 x the std of ``W_E``) is not finite.
+        """
         if self.scale is not None:
             return float(self.scale)
         with torch.no_grad():
-            return 3.0 * float(model.W_E.float().std())
+            scale = 3.0 * float(model.W_E.float().std())
+        if not math.isfinite(scale):
+            raise CorruptionError(
+                f"the default noise scale 3 x std(W_E) is {scale}: the embedding holds "
+                "non-finite values; pass GaussianNoise(scale=...)"
+            )
+        return scale
 
     def apply(self, model: Any, prompt: TokenizedPrompt) -> CorruptedInput:
         positions = prompt.positions(self.span)
@@ -214,6 +281,17 @@ class TokenReplacement(Corruption):
     replacement: str
     span: str = "subject"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.replacement, str) or not self.replacement.strip():
+            raise CorruptionError(
+                f"TokenReplacement.replacement must be a non-empty string, got {self.replacement!r}"
+            )
+        if not isinstance(self.span, str):
+            raise CorruptionError(
+                f"TokenReplacement.span must be a span name ('subject', 'relation', 'object'), "
+                f"got {self.span!r}"
+            )
+
     def apply(self, model: Any, prompt: TokenizedPrompt) -> CorruptedInput:
         if self.span not in prompt.prompt.char_spans:
             raise SpanError(f"prompt {prompt.text!r} has no {self.span!r} span to replace")
@@ -261,6 +339,13 @@ class Resample(Corruption):
         if isinstance(self.prompts, str) or not self.prompts:
             raise CorruptionError("Resample.prompts must be a non-empty tuple of prompt strings")
         object.__setattr__(self, "prompts", tuple(self.prompts))
+        for index, prompt in enumerate(self.prompts):
+            if not isinstance(prompt, str):
+                raise CorruptionError(
+                    f"Resample.prompts[{index}] must be a prompt string, got "
+                    f"{type(prompt).__name__} {prompt!r}"
+                )
+        _check_span(self.span, "Resample")
 
     def apply(self, model: Any, prompt: TokenizedPrompt) -> CorruptedInput:
         rows = []
@@ -285,6 +370,9 @@ class ZeroAblation(Corruption):
     """Set the token embeddings of a span to zero."""
 
     span: str | Sequence[int] = "subject"
+
+    def __post_init__(self) -> None:
+        _check_span(self.span, "ZeroAblation")
 
     def apply(self, model: Any, prompt: TokenizedPrompt) -> CorruptedInput:
         positions = prompt.positions(self.span)
@@ -314,6 +402,17 @@ class MeanAblation(Corruption):
     span: str | Sequence[int] = "subject"
     mean: Float[Tensor, " d_model"] | None = None
 
+    def __post_init__(self) -> None:
+        _check_span(self.span, "MeanAblation")
+        if self.mean is None:
+            return
+        if not isinstance(self.mean, Tensor) or self.mean.dim() != 1:
+            shown = tuple(self.mean.shape) if isinstance(self.mean, Tensor) else self.mean
+            raise CorruptionError(
+                f"MeanAblation.mean must be a vector [d_model] or None, got {shown!r}"
+            )
+        _check_finite_mean(self.mean, "MeanAblation.mean")
+
     @classmethod
     def from_prompts(
         cls, model: Any, prompts: Iterable[TokenizedPrompt], span: str = "subject"
@@ -330,6 +429,8 @@ class MeanAblation(Corruption):
         positions = prompt.positions(self.span)
         with torch.no_grad():
             mean = self.mean if self.mean is not None else model.W_E.mean(0).detach().clone()
+        if self.mean is None:
+            _check_finite_mean(mean, "the mean of W_E")
         if mean.shape != (model.cfg.d_model,):
             raise CorruptionError(
                 f"MeanAblation.mean has shape {tuple(mean.shape)}, expected ({model.cfg.d_model},)"
@@ -346,3 +447,13 @@ class MeanAblation(Corruption):
     def describe(self) -> str:
         source = "mean of W_E" if self.mean is None else "given mean"
         return f"mean ablation ({source}) of {_where_label(self.span)} embeddings"
+
+
+def _check_finite_mean(mean: Tensor, what: str) -> None:
+    bad = ~torch.isfinite(mean)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise CorruptionError(
+            f"{what} holds {int(bad.sum())} non-finite value(s) ({float(mean[first])} at "
+            f"index {first}); mean ablation needs a finite vector"
+        )

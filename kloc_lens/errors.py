@@ -22,6 +22,7 @@ __all__ = [
     "KlocLensError",
     "MetricError",
     "ModelError",
+    "PromptError",
     "ResultError",
     "SiteError",
     "SpanError",
@@ -44,6 +45,11 @@ class SiteError(KlocLensError):
 
 class SpanError(KlocLensError):
     """A span (subject, relation, object, positions) that cannot be found in a prompt."""
+
+
+class PromptError(KlocLensError):
+    """A prompt the model cannot take: not a prompt at all (a list, a batch, a number), longer
+    than the model's context, or holding text the tokenizer can only write as its unknown token."""
 
 
 class CorruptionError(KlocLensError):

@@ -23,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+import operator
+import re
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from kloc_lens.errors import SpanError
+from kloc_lens.errors import PromptError, SpanError, choice
 
 __all__ = [
     "Fact",
@@ -42,6 +44,7 @@ __all__ = [
     "PromptBatch",
     "TokenSpan",
     "TokenizedPrompt",
+    "check_template",
     "target_token_ids",
     "tokenize",
     "tokenize_batch",
@@ -80,40 +83,102 @@ class Prompt:
     def from_text(cls, text: str, target: str = "", **parts: str) -> Prompt:
         """A prompt whose spans are found by searching ``text`` for each given part.
 
-        The first occurrence is used; build prompts from templates (:class:`Fact`) when a part
-        occurs more than once.
+        The first occurrence as a whole word is used (a relation ``"age"`` is not found inside
+        ``"language"``); build prompts from templates (:class:`Fact`) when a part occurs more
+        than once.
 
         Raises:
-            SpanError: A part does not occur in ``text``.
+            PromptError: ``text`` or a part is not a string.
+            SpanError: A part does not occur in ``text`` as a whole word.
         """
+        if not isinstance(text, str):
+            raise PromptError(f"prompt text must be a string, got {type(text).__name__}")
         spans: dict[str, tuple[int, int]] = {}
         for name, part in parts.items():
-            start = text.find(part)
+            if not isinstance(part, str):
+                raise PromptError(f"{name} must be a string, got {type(part).__name__} {part!r}")
+            start = find_word(text, part)
             if not part or start < 0:
                 raise SpanError(f"{name} {part!r} does not occur in prompt {text!r}")
             spans[name] = (start, start + len(part))
         return cls(text, target, spans)
 
 
+def find_word(text: str, part: str, *, last: bool = False) -> int:
+    """Where ``part`` occurs in ``text`` as whole words (first, or ``last``), else ``-1``.
+
+    A part that starts (ends) with a letter or digit must not continue a word of ``text``
+    before (after) it:
+
+    >>> find_word("The language of Ana is", "age"), find_word("Her age is", "age")
+    (-1, 4)
+    """
+    if not part:
+        return -1
+    before = r"(?<!\w)" if re.match(r"\w", part[0]) else ""
+    after = r"(?!\w)" if re.match(r"\w", part[-1]) else ""
+    hits = [m.start() for m in re.finditer(before + re.escape(part) + after, text)]
+    if not hits:
+        return -1
+    return hits[-1] if last else hits[0]
+
+
+_FIELDS = ("subject", "relation", "object")
+
+
+def check_template(template: object, what: str, fields: Sequence[str] = _FIELDS) -> str:
+    """Refuse a template that is not a string, has a stray brace or an unknown field.
+
+    >>> check_template("The {relation} of {subject} is", "entity template")
+    'The {relation} of {subject} is'
+    >>> check_template("The relation} of {subject} is", "entity template")
+    Traceback (most recent call last):
+    ...
+    kloc_lens.errors.SpanError: entity template 'The relation} of {subject} is' is not a valid
+    template (Single '}' encountered in format string); write a literal brace as '{{' or '}}'
+
+    Raises:
+        SpanError: The template is malformed; the message names it.
+    """
+    if not isinstance(template, str):
+        raise SpanError(f"{what} must be a string, got {type(template).__name__} {template!r}")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise SpanError(
+            f"{what} {template!r} is not a valid template ({err}); write a literal brace as "
+            "'{{' or '}}'"
+        ) from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if spec or conversion:
+            raise SpanError(f"{what} {template!r}: field {{{name}}} may not carry a format spec")
+        if name not in fields:
+            raise SpanError(
+                f"{what} {template!r} has field {{{name}}}, expected only "
+                f"{', '.join('{' + key + '}' for key in fields)}"
+            )
+    return template
+
+
 def format_template(
     template: str, values: Mapping[str, str]
 ) -> tuple[str, dict[str, tuple[int, int]]]:
-    """Fill ``{name}`` fields of ``template`` and record where each field landed (first use)."""
+    """Fill ``{name}`` fields of ``template`` and record where each field landed (first use).
+
+    Raises:
+        SpanError: A stray brace, a format spec or a field not in ``values``.
+    """
     pieces: list[str] = []
     spans: dict[str, tuple[int, int]] = {}
     length = 0
-    for literal, name, spec, conversion in string.Formatter().parse(template):
+    check_template(template, "template", tuple(values))
+    for literal, name, _, _ in string.Formatter().parse(template):
         pieces.append(literal)
         length += len(literal)
         if name is None:
             continue
-        if spec or conversion:
-            raise SpanError(f"template {template!r}: field {{{name}}} may not carry a format spec")
-        if name not in values:
-            raise SpanError(
-                f"template {template!r} has field {{{name}}}, expected only "
-                f"{', '.join('{' + key + '}' for key in values)}"
-            )
         value = values[name]
         spans.setdefault(name, (length, length + len(value)))
         pieces.append(value)
@@ -158,12 +223,37 @@ class Fact:
 
     def __post_init__(self) -> None:
         for name in ("subject", "relation", "object"):
-            if not getattr(self, name).strip():
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise SpanError(f"Fact.{name} must be a string, got {type(value).__name__}")
+            if not value.strip():
                 raise SpanError(f"Fact.{name} is empty")
-        for template in (self.entity_template, *self.entity_paraphrases):
+        for name in ("new_object", "relation_id"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise SpanError(f"Fact.{name} must be a string, got {type(value).__name__}")
+        for name in ("entity_paraphrases", "relation_paraphrases", "neighborhood_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (tuple, list)):
+                raise SpanError(
+                    f"Fact.{name} must be a tuple of strings, got {type(value).__name__} {value!r}"
+                )
+            for item in value:
+                if not isinstance(item, str):
+                    raise SpanError(f"Fact.{name} holds {item!r}, not a string")
+            object.__setattr__(self, name, tuple(value))
+        entity = [("entity_template", self.entity_template)] + [
+            (f"entity_paraphrases[{i}]", t) for i, t in enumerate(self.entity_paraphrases)
+        ]
+        relation = [("relation_template", self.relation_template)] + [
+            (f"relation_paraphrases[{i}]", t) for i, t in enumerate(self.relation_paraphrases)
+        ]
+        for what, template in entity + relation:
+            check_template(template, f"Fact.{what}")
+        for _, template in entity:
             if "{subject}" not in template:
                 raise SpanError(f"entity template {template!r} has no {{subject}} field")
-        for template in (self.relation_template, *self.relation_paraphrases):
+        for _, template in relation:
             if "{subject}" not in template or "{object}" not in template:
                 raise SpanError(
                     f"relation template {template!r} needs both {{subject}} and {{object}}"
@@ -180,7 +270,7 @@ class Fact:
             literal = template
             for name, value in self._values(obj).items():
                 literal = literal.replace("{" + name + "}", "\0" * len(value))
-            start = literal.find(self.relation)
+            start = find_word(literal, self.relation)
             if start >= 0:
                 spans["relation"] = (start, start + len(self.relation))
         return Prompt(text, target, spans, perspective)
@@ -197,8 +287,12 @@ class Fact:
         )
 
     def prompts(self, perspective: Perspective | str) -> list[Prompt]:
-        """The main prompt and every paraphrase of one perspective."""
-        if Perspective(perspective) is Perspective.ENTITY:
+        """The main prompt and every paraphrase of one perspective.
+
+        Raises:
+            PromptError: ``perspective`` is not one of ``'entity'``, ``'relation'``.
+        """
+        if choice(Perspective, perspective, "perspective", PromptError) is Perspective.ENTITY:
             return [self.entity_prompt(t) for t in (self.entity_template, *self.entity_paraphrases)]
         return [
             self.relation_prompt(t) for t in (self.relation_template, *self.relation_paraphrases)
@@ -277,10 +371,23 @@ class TokenizedPrompt:
         """
         if isinstance(where, str):
             return self.span(where).positions
+        try:
+            items = list(where)
+        except TypeError:
+            raise SpanError(
+                f"positions must be a span name or a sequence of integers, got "
+                f"{type(where).__name__} {where!r}"
+            ) from None
         length = len(self)
         resolved = []
-        for pos in where:
-            idx = int(pos) + length if int(pos) < 0 else int(pos)
+        for pos in items:
+            try:
+                pos = operator.index(pos)
+            except TypeError:
+                raise SpanError(
+                    f"position {pos!r} of prompt {self.text!r} is not an integer"
+                ) from None
+            idx = pos + length if pos < 0 else pos
             if not 0 <= idx < length:
                 raise SpanError(f"position {pos} is outside prompt {self.text!r} ({length} tokens)")
             resolved.append(idx)
@@ -316,23 +423,76 @@ def _char_to_token_span(
     return TokenSpan(hits[0], hits[-1] + 1)
 
 
+def _shown(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _not_a_prompt(prompt: object) -> PromptError:
+    kind = type(prompt).__name__
+    hint = ""
+    if isinstance(prompt, (list, tuple, PromptBatch)):
+        hint = " (several prompts: tokenize_batch or trace_dataset, one prompt per call here)"
+    elif isinstance(prompt, Fact):
+        hint = " (a Fact: pass fact.entity_prompt() or fact.relation_prompt())"
+    return PromptError(f"prompt must be a Prompt or a string, got {kind}{hint}")
+
+
+def _check_ids(
+    model: Any, ids: Sequence[int], prompt: Prompt, spans: Mapping[str, TokenSpan]
+) -> None:
+    """Refuse what the model cannot run: too long, ids outside the vocabulary, unknown tokens."""
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if isinstance(n_ctx, int) and len(ids) > n_ctx:
+        raise PromptError(
+            f"prompt {_shown(prompt.text)} is {len(ids)} tokens long, more than the model's "
+            f"context of n_ctx={n_ctx} tokens"
+        )
+    d_vocab = getattr(model.cfg, "d_vocab", None)
+    if isinstance(d_vocab, int) and ids and not 0 <= min(ids) <= max(ids) < d_vocab:
+        bad = sorted({i for i in ids if not 0 <= i < d_vocab})
+        raise PromptError(
+            f"the tokenizer writes prompt {_shown(prompt.text)} with ids {bad}, outside the "
+            f"model's vocabulary 0..{d_vocab - 1}"
+        )
+    unk = getattr(model.tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    for name, span in spans.items():
+        if name != "last" and any(ids[i] == unk for i in span.positions):
+            start, end = prompt.char_spans[name]
+            raise PromptError(
+                f"{name} {prompt.text[start:end]!r} of prompt {_shown(prompt.text)} is not in the "
+                f"vocabulary: it tokenizes to the unknown token {model.tokenizer.unk_token!r}"
+            )
+
+
 def tokenize(model: Any, prompt: Prompt | str, **parts: str) -> TokenizedPrompt:
     """Tokenize a prompt and locate its spans from the tokenizer's offsets.
+
+    Every sweep and edit tokenizes through here, so this is where a prompt the model cannot
+    take is refused, before any forward pass.
 
     Args:
         model: A hooked model (its tokenizer and ``cfg.default_prepend_bos`` are used).
         prompt: A :class:`Prompt`, or a plain string whose parts are given as keywords.
-        **parts: For a plain string: ``subject="..."`` and so on, located by text search.
+        **parts: For a plain string: ``subject="..."`` and so on, located as whole words.
 
     Returns:
         The tokenized prompt with spans ``subject``/``relation``/``object`` (where present) and
         ``last``.
 
     Raises:
+        PromptError: ``prompt`` is not a prompt (a list, a :class:`PromptBatch`, ...); the prompt
+            is longer than the model's context (``cfg.n_ctx``) or tokenizes to ids outside its
+            vocabulary; a subject, relation or object tokenizes to the unknown token.
         SpanError: A part is not in the prompt or covers no token.
     """
+    if isinstance(prompt, TokenizedPrompt):
+        prompt = prompt.prompt
     if isinstance(prompt, str):
         prompt = Prompt.from_text(prompt, **parts)
+    elif not isinstance(prompt, Prompt):
+        raise _not_a_prompt(prompt)
     elif parts:
         raise SpanError("give parts as keywords only with a plain-string prompt")
     ids, offsets = _encode(model, prompt.text)
@@ -344,6 +504,7 @@ def tokenize(model: Any, prompt: Prompt | str, **parts: str) -> TokenizedPrompt:
         for name, (start, end) in prompt.char_spans.items()
     }
     spans["last"] = TokenSpan(len(ids) - 1, len(ids))
+    _check_ids(model, ids, prompt, spans)
     str_tokens = tuple(model.tokenizer.decode([i]) for i in ids)
     return TokenizedPrompt(
         prompt=prompt,
@@ -361,13 +522,21 @@ def target_token_ids(model: Any, prompt: Prompt | str, target: str | None = None
     first token (GPT-2's ``" French"``) gives the same ids the model would produce.
 
     Raises:
+        PromptError: The prompt or target is not a string, or a token of the target is the
+            tokenizer's unknown token (its first included).
         SpanError: The target is empty or tokenizes to nothing.
     """
+    if isinstance(prompt, TokenizedPrompt):
+        prompt = prompt.prompt
+    if not isinstance(prompt, (Prompt, str)):
+        raise _not_a_prompt(prompt)
     text = prompt.text if isinstance(prompt, Prompt) else prompt
     if target is None:
         if not isinstance(prompt, Prompt):
             raise SpanError("no target given for a plain-string prompt")
         target = prompt.target
+    if not isinstance(target, str):
+        raise PromptError(f"target must be a string, got {type(target).__name__} {target!r}")
     stripped = target.strip()
     if not stripped:
         raise SpanError(f"target {target!r} for prompt {text!r} is empty")
@@ -380,6 +549,13 @@ def target_token_ids(model: Any, prompt: Prompt | str, target: str | None = None
     ]
     if not ids:
         raise SpanError(f"target {target!r} tokenizes to nothing after prompt {text!r}")
+    unk = getattr(model.tokenizer, "unk_token_id", None)
+    if unk is not None and unk in ids:
+        which = "its first token" if ids[0] == unk else f"token {ids.index(unk)} of it"
+        raise PromptError(
+            f"target {target!r} is not in the vocabulary: {which} is the unknown token "
+            f"{model.tokenizer.unk_token!r}"
+        )
     return ids
 
 
@@ -400,7 +576,17 @@ class PromptBatch:
 
 
 def tokenize_batch(model: Any, prompts: Sequence[Prompt | str | TokenizedPrompt]) -> PromptBatch:
-    """Tokenize prompts and pad them on the right into one batch."""
+    """Tokenize prompts and pad them on the right into one batch.
+
+    Raises:
+        PromptError: ``prompts`` is a single string or prompt rather than a sequence of them, or
+            one of them cannot be tokenized (see :func:`tokenize`).
+        SpanError: No prompts.
+    """
+    if isinstance(prompts, (str, Prompt, TokenizedPrompt)):
+        raise PromptError(
+            f"tokenize_batch takes a sequence of prompts, got one {type(prompts).__name__}"
+        )
     if not prompts:
         raise SpanError("no prompts to tokenize")
     items = tuple(p if isinstance(p, TokenizedPrompt) else tokenize(model, p) for p in prompts)

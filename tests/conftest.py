@@ -40,3 +40,18 @@ def planted():
         hf_model, tokenizer, facts = build_planted_hf()
         return as_substrate(hf_model, tokenizer, "kloc-planted"), facts
     return planted_model()
+
+
+@pytest.fixture
+def unchecked() -> Iterator[None]:
+    """The test runs without the development-time type checker (the jaxtyping + beartype hook
+    of this suite), as users run kloc_lens: for tests of the library's own errors on arguments
+    of the wrong type, which the hook would otherwise intercept first."""
+    import jaxtyping
+
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", before)

@@ -124,7 +124,58 @@ def test_schemes_are_reusable_across_sweeps_and_describe_themselves(tiny, prompt
 
 
 def test_bad_noise_parameters():
-    with pytest.raises(kl.CorruptionError, match="samples must be >= 1, got 0"):
+    with pytest.raises(kl.CorruptionError, match="samples must be an integer >= 1, got 0"):
         kl.GaussianNoise(samples=0)
-    with pytest.raises(kl.CorruptionError, match="scale must be > 0, got -1.0"):
+    with pytest.raises(kl.CorruptionError, match="scale must be a positive finite number, got -1"):
         kl.GaussianNoise(scale=-1.0)
+    for scale in (float("inf"), float("nan")):
+        with pytest.raises(kl.CorruptionError, match=f"positive finite number, got {scale}"):
+            kl.GaussianNoise(scale=scale)
+
+
+def test_noise_parameters_of_the_wrong_type_are_refused(unchecked):
+    with pytest.raises(kl.CorruptionError, match="scale must be a positive finite number, got str"):
+        kl.GaussianNoise(scale="0.1")  # type: ignore[arg-type]
+    with pytest.raises(kl.CorruptionError, match="scale must be a positive .*, got bool True"):
+        kl.GaussianNoise(scale=True)
+    with pytest.raises(kl.CorruptionError, match="samples must be an integer >= 1, got 10.0"):
+        kl.GaussianNoise(samples=10.0)  # type: ignore[arg-type]
+    with pytest.raises(kl.CorruptionError, match="seed must be an integer, got '0'"):
+        kl.GaussianNoise(seed="0")  # type: ignore[arg-type]
+    with pytest.raises(kl.CorruptionError, match="replace must be a bool, got 1"):
+        kl.GaussianNoise(replace=1)  # type: ignore[arg-type]
+    with pytest.raises(kl.CorruptionError, match=r"GaussianNoise.span must be a span .*\[1.5\]"):
+        kl.GaussianNoise(span=[1.5])  # type: ignore[list-item]
+    with pytest.raises(kl.CorruptionError, match="ZeroAblation.span must be a span name"):
+        kl.ZeroAblation(span=3)  # type: ignore[arg-type]
+    with pytest.raises(kl.CorruptionError, match="replacement must be a non-empty string, got 3"):
+        kl.TokenReplacement(3)  # type: ignore[arg-type]
+    with pytest.raises(kl.CorruptionError, match="TokenReplacement.span must be a span name"):
+        kl.TokenReplacement("Paris", span=[1])  # type: ignore[arg-type]
+    with pytest.raises(kl.CorruptionError, match=r"Resample.prompts\[1\] must be a prompt string"):
+        kl.Resample(("The mother tongue", 3))  # type: ignore[arg-type]
+    with pytest.raises(kl.CorruptionError, match="MeanAblation.mean must be a vector"):
+        kl.MeanAblation(mean=torch.zeros(2, 3))
+    assert kl.ZeroAblation(span=torch.tensor([1, 2])).span is not None
+
+
+def test_non_finite_numbers_are_refused_where_they_enter(tiny, prompt):
+    with pytest.raises(kl.CorruptionError, match="MeanAblation.mean holds 1 non-finite value"):
+        kl.MeanAblation(mean=torch.tensor([0.0, float("nan"), 1.0]))
+    inf = torch.zeros(tiny.cfg.d_model)
+    inf[3] = float("inf")
+    with pytest.raises(kl.CorruptionError, match=r"\(inf at index 3\); mean ablation needs a fin"):
+        kl.MeanAblation(mean=inf)
+    with pytest.raises(kl.CorruptionError, match="from_prompts factor must be a positive finite"):
+        kl.GaussianNoise.from_prompts(tiny, [prompt], factor=float("inf"))
+    with torch.no_grad():
+        saved = tiny.W_E[7].clone()
+        tiny.W_E[7] = float("nan")
+    try:
+        with pytest.raises(kl.CorruptionError, match="the mean of W_E holds 32 non-finite value"):
+            kl.MeanAblation().apply(tiny, prompt)
+        with pytest.raises(kl.CorruptionError, match=r"default noise scale 3 x std\(W_E\) is nan"):
+            kl.GaussianNoise().apply(tiny, prompt)
+    finally:
+        with torch.no_grad():
+            tiny.W_E[7] = saved

@@ -107,6 +107,40 @@ def test_stacked_commits_restore_in_reverse_order(tiny):
         assert torch.equal(param, snapshot[name]), name
 
 
+def test_restoring_out_of_order_is_refused_and_changes_nothing(tiny):
+    snapshot = _snapshot(tiny)
+    first = commit(tiny, _random_edit(tiny, seed=3))
+    second = commit(tiny, _random_edit(tiny, seed=4))
+    both = _snapshot(tiny)
+    with pytest.raises(EditError, match="also changed W_out of layer 0, W_O of layer 1"):
+        first.restore()
+    assert not first.restored
+    for name, param in tiny.named_parameters():
+        assert torch.equal(param, both[name]), name
+    second.restore()
+    first.restore()
+    for name, param in tiny.named_parameters():
+        assert torch.equal(param, snapshot[name]), name
+
+
+def test_commits_of_disjoint_weights_restore_in_any_order(tiny):
+    snapshot = _snapshot(tiny)
+    edit = _random_edit(tiny, seed=5)
+    w_out_0 = Projection.W_OUT.weight(tiny, 0)
+    before = w_out_0.detach().clone()
+    first = commit(tiny, LowRankEdit(edit.model, edit.updates[:1]))  # W_out of layer 0
+    second = commit(tiny, LowRankEdit(edit.model, edit.updates[1:]))  # layer 2, W_O of layer 1
+    others = [(2, Projection.W_OUT), (1, Projection.W_O)]
+    edited = [p.weight(tiny, layer).detach().clone() for layer, p in others]
+    first.restore()
+    assert torch.equal(Projection.W_OUT.weight(tiny, 0), before)
+    for (layer, p), weight in zip(others, edited, strict=True):
+        assert torch.equal(p.weight(tiny, layer), weight), (layer, p)
+    second.restore()
+    for name, param in tiny.named_parameters():
+        assert torch.equal(param, snapshot[name]), name
+
+
 def test_several_edits_add_up(tiny):
     a, b = _random_edit(tiny, seed=5), _random_edit(tiny, seed=6)
     merged = LowRankEdit(a.model, a.updates + b.updates)

@@ -161,3 +161,135 @@ def test_tokenize_batch_pads_right(tiny):
     assert batch.tokens[0, 6:].tolist() == [tiny.tokenizer.pad_token_id] * 2
     with pytest.raises(kl.SpanError, match="no prompts"):
         kl.tokenize_batch(tiny, [])
+
+
+FACT = kl.Fact("Danielle Darrieux", "mother tongue", "French")
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_any_forward(tiny):
+    long = "The " * 70
+    with pytest.raises(kl.PromptError, match="is 71 tokens long, more than the model's context"):
+        kl.tokenize(tiny, long)
+    calls = []
+    with tiny.hooks(fwd_hooks=[("hook_embed", lambda act, hook: calls.append(1))]):
+        with pytest.raises(kl.PromptError, match="context of n_ctx=64 tokens"):
+            kl.causal_trace(tiny, kl.Prompt.from_text(long.strip(), "French"), progress=False)
+        with pytest.raises(kl.PromptError, match="context of n_ctx=64 tokens"):
+            kl.activation_patching(
+                tiny, long, kl.ZeroAblation(span=[1]), kl.TargetProb(3), progress=False
+            )
+    assert calls == []
+
+
+def test_what_is_not_one_prompt_is_refused(tiny, unchecked):
+    batch = kl.tokenize_batch(tiny, [FACT.entity_prompt(), FACT.relation_prompt()])
+    with pytest.raises(kl.PromptError, match="got list \\(several prompts: tokenize_batch"):
+        kl.tokenize(tiny, ["The mother tongue", "of"])
+    with pytest.raises(
+        kl.PromptError, match="prompt must be a Prompt or a string, got PromptBatch"
+    ):
+        kl.tokenize(tiny, batch)
+    with pytest.raises(kl.PromptError, match="got Fact \\(a Fact: pass fact.entity_prompt"):
+        kl.tokenize(tiny, FACT)
+    with pytest.raises(kl.PromptError, match="got int"):
+        kl.tokenize(tiny, 3)
+    with pytest.raises(kl.PromptError, match="got PromptBatch"):
+        kl.activation_patching(tiny, batch, kl.ZeroAblation(), kl.TargetProb(3), progress=False)
+    with pytest.raises(kl.PromptError, match="subject must be a string, got int"):
+        kl.tokenize(tiny, "The mother tongue of Danielle Darrieux is", subject=3)
+    with pytest.raises(kl.PromptError, match="tokenize_batch takes a sequence of prompts, got one"):
+        kl.tokenize_batch(tiny, "The mother tongue of Danielle Darrieux is")
+    with pytest.raises(kl.PromptError, match="target must be a string, got int"):
+        kl.target_token_ids(tiny, FACT.entity_prompt(), 7)  # type: ignore[arg-type]
+    # a tokenized prompt is taken as its prompt
+    assert kl.tokenize(tiny, kl.tokenize(tiny, FACT.entity_prompt())).str_tokens[-1] == "is"
+
+
+def test_text_the_tokenizer_cannot_write_is_refused(tiny):
+    unknown = kl.Fact("Zorblax Darrieux", "mother tongue", "French")
+    with pytest.raises(kl.PromptError, match="subject 'Zorblax Darrieux' .* unknown token '<unk>'"):
+        kl.tokenize(tiny, unknown.entity_prompt())
+    with pytest.raises(kl.PromptError, match="subject 'Zorblax Darrieux' .* not in the vocab"):
+        kl.causal_trace(tiny, unknown, progress=False)
+    with pytest.raises(kl.PromptError, match="subject 'Zorblax Darrieux'"):
+        kl.activation_patching(
+            tiny, unknown.entity_prompt(), kl.ZeroAblation(), kl.TargetProb(3), progress=False
+        )
+    odd_relation = kl.Fact("Danielle Darrieux", "mother glossa", "French")
+    with pytest.raises(kl.PromptError, match="relation 'mother glossa'"):
+        kl.tokenize(tiny, odd_relation.entity_prompt())
+    prompt = FACT.entity_prompt()
+    with pytest.raises(kl.PromptError, match="'Klingon' is not in the vocabulary: its first token"):
+        kl.causal_trace(tiny, prompt, target="Klingon", progress=False)
+    with pytest.raises(kl.PromptError, match="'French Klingon' .* token 1 of it is the unknown"):
+        kl.target_token_ids(tiny, prompt, "French Klingon")
+    with pytest.raises(kl.PromptError, match="'Klingon French' .* its first token is the unknown"):
+        kl.target_token_ids(tiny, prompt, "Klingon French")
+
+
+def test_ids_outside_the_models_vocabulary_are_refused(tiny, monkeypatch):
+    monkeypatch.setattr(tiny.cfg, "d_vocab", 5)
+    with pytest.raises(kl.PromptError, match="outside the model's vocabulary 0..4"):
+        kl.tokenize(tiny, FACT.entity_prompt())
+
+
+def test_templates_with_stray_braces_or_unknown_fields_are_refused():
+    with pytest.raises(
+        kl.SpanError, match="Fact.entity_template 'The {relation} of {subject} is }"
+    ):
+        kl.Fact("Ana", "home", "Rome", entity_template="The {relation} of {subject} is }")
+    with pytest.raises(kl.SpanError, match="is not a valid template .*write a literal brace"):
+        kl.Fact("Ana", "home", "Rome", entity_paraphrases=("{subject} lives in {",))
+    with pytest.raises(kl.SpanError, match="Fact.relation_paraphrases\\[0\\] '{subject} {object"):
+        kl.Fact("Ana", "home", "Rome", relation_paraphrases=("{subject} {object",))
+    with pytest.raises(kl.SpanError, match="has field {subjct}, expected only {subject}"):
+        kl.Fact("Ana", "home", "Rome", entity_template="The {relation} of {subjct} is {subject}")
+    with pytest.raises(kl.SpanError, match="template 'x {a' is not a valid template"):
+        format_template("x {a", {"a": "b"})
+    literal = kl.Fact("Ana", "home", "Rome", entity_template="The {{home}} of {subject} is")
+    assert literal.entity_prompt().text == "The {home} of Ana is"
+
+
+def test_fact_fields_have_their_types(unchecked):
+    with pytest.raises(kl.SpanError, match="Fact.subject must be a string, got int"):
+        kl.Fact(3, "home", "Rome")  # type: ignore[arg-type]
+    with pytest.raises(
+        kl.SpanError, match="Fact.entity_paraphrases must be a tuple of strings, got"
+    ):
+        kl.Fact("Ana", "home", "Rome", entity_paraphrases="{subject} lives in")  # type: ignore[arg-type]
+    with pytest.raises(kl.SpanError, match="Fact.neighborhood_prompts holds 3, not a string"):
+        kl.Fact("Ana", "home", "Rome", neighborhood_prompts=("a", 3))  # type: ignore[arg-type]
+    with pytest.raises(kl.SpanError, match="Fact.new_object must be a string, got float"):
+        kl.Fact("Ana", "home", "Rome", new_object=1.5)  # type: ignore[arg-type]
+    listed = kl.Fact("Ana", "home", "Rome", entity_paraphrases=["{subject} lives in"])  # type: ignore[arg-type]
+    assert listed.entity_paraphrases == ("{subject} lives in",)
+
+
+def test_an_unknown_perspective_names_the_choices():
+    with pytest.raises(
+        kl.PromptError, match="perspective must be one of 'entity', 'relation', got"
+    ):
+        FACT.prompts("object")
+    assert [p.perspective for p in FACT.prompts("relation")] == [kl.Perspective.RELATION]
+
+
+def test_spans_match_whole_words():
+    fact = kl.Fact("Ana", "age", "12", entity_template="The language of {subject} is")
+    assert "relation" not in fact.entity_prompt().char_spans
+    worded = kl.Fact("Ana", "age", "12", entity_template="The language and age of {subject} is")
+    prompt = worded.entity_prompt()
+    assert prompt.text[slice(*prompt.char_spans["relation"])] == "age"
+    assert prompt.char_spans["relation"] == (17, 20)
+    with pytest.raises(kl.SpanError, match="relation 'age' does not occur in prompt"):
+        kl.Prompt.from_text("The language of Ana is", relation="age")
+    assert kl.Prompt.from_text("Her age is", relation="age").char_spans["relation"] == (4, 7)
+    assert kl.Prompt.from_text("In Lyon, Lyo is", subject="Lyo").char_spans["subject"] == (9, 12)
+
+
+def test_positions_must_be_integers(tiny, unchecked):
+    prompt = kl.tokenize(tiny, FACT.entity_prompt())
+    with pytest.raises(kl.SpanError, match="position 1.7 of prompt .* is not an integer"):
+        prompt.positions([1.7])
+    with pytest.raises(kl.SpanError, match="positions must be a span name or a sequence"):
+        prompt.positions(3)  # type: ignore[arg-type]
+    assert prompt.positions(torch.tensor([1, -1])) == (1, len(prompt) - 1)

@@ -11,7 +11,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from kloc_lens.edit._errors import EditError
-from kloc_lens.errors import SpanError
+from kloc_lens.errors import PromptError, SpanError
 from kloc_lens.facts import Prompt, target_token_ids
 
 __all__ = ["Rows", "bos_id", "device_of", "encode", "pad_rows", "target_ids"]
@@ -43,20 +43,17 @@ def target_ids(model: Any, prompt: Prompt, target: str, what: str) -> list[int]:
     """Token ids of ``target`` after ``prompt``, refusing empty and unknown targets.
 
     Raises:
-        EditError: The target is blank, tokenizes to nothing, or only to the unknown token.
+        EditError: The target is blank, tokenizes to nothing, or to the unknown token anywhere
+            (its first token included).
     """
     if not target.strip():
         raise EditError(f"{what} {target!r} is empty: it tokenizes to nothing")
     try:
         ids = target_token_ids(model, prompt, target)
+    except PromptError as err:
+        raise EditError(f"{what}: {err}") from None
     except SpanError as err:
         raise EditError(f"{what} {target!r} tokenizes to nothing after {prompt.text!r}") from err
-    unk = model.tokenizer.unk_token_id
-    if unk is not None and all(i == unk for i in ids):
-        raise EditError(
-            f"{what} {target!r} is not in the vocabulary: it tokenizes to the unknown token "
-            f"{model.tokenizer.unk_token!r}"
-        )
     return ids
 
 

@@ -13,7 +13,9 @@ An edit is data: a list of low-rank updates ``ΔW = left @ right`` to output pro
   its ``restore()`` (or leaving it as a context manager) copies them back, bit for bit.
 
 Both forms give the same logits (within float rounding, ~1e-6). Restore committed edits in the
-reverse order of committing them (each handle puts back the weights as it found them).
+reverse order of committing them (each handle puts back the weights as it found them): restoring
+an edit while a later commit that changed the same weights is still in effect would silently
+undo that later edit too, so it is refused with an :class:`EditError`.
 
 Example:
     >>> import torch
@@ -35,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -219,11 +222,23 @@ def applied(model: Any, *edits: Edit) -> Iterator[None]:
         yield
 
 
+_LIVE: weakref.WeakKeyDictionary[Any, list[CommittedEdit]] = weakref.WeakKeyDictionary()
+"""The commits still in effect on each model, oldest first (keyed by the model itself)."""
+
+
+def _weights_label(weights: Sequence[_Key]) -> str:
+    return ", ".join(f"{projection.value} of layer {layer}" for layer, projection in weights)
+
+
 class CommittedEdit:
     """Edits written into a model's weights, with exact copies of the weights they replaced.
 
     ``restore()`` copies the originals back (bit-identical); using the handle as a context
     manager restores on leaving the block, also after an exception. Restoring twice is a no-op.
+    Handles are restored in the reverse order of their commits: restoring one while a later
+    commit that changed one of the same weights is still in effect raises :class:`EditError`
+    (copying the originals back would silently undo the later edit too, and restoring the later
+    one afterwards would bring this one back).
     """
 
     def __init__(self, model: Any, originals: dict[_Key, Tensor]) -> None:
@@ -242,10 +257,27 @@ class CommittedEdit:
         return tuple(self._originals)
 
     def restore(self) -> None:
-        """Put back the original weights, bit for bit."""
+        """Put back the original weights, bit for bit.
+
+        Raises:
+            EditError: A later commit that changed one of the same weights is still in effect;
+                restore it first.
+        """
         if self._restored:
             return
+        live = _LIVE.get(self._model, [])
+        later = live[live.index(self) + 1 :] if self in live else []
+        mine = set(self._originals)
+        clash = [key for handle in later for key in handle._originals if key in mine]
+        if clash:
+            raise EditError(
+                f"cannot restore this committed edit of {_weights_label(list(self._originals))}: "
+                f"a later commit that also changed {_weights_label(sorted(set(clash)))} is still "
+                "in effect; restore committed edits in the reverse order of committing them"
+            )
         _restore(self._model, self._originals)
+        if self in live:
+            live.remove(self)
         self._restored = True
         self._originals = {}
 
@@ -279,7 +311,8 @@ def commit(model: Any, *edits: Edit) -> CommittedEdit:
         *edits: One or more edits (their updates add up).
 
     Returns:
-        A handle whose ``restore()`` puts the original weights back.
+        A handle whose ``restore()`` puts the original weights back (handles are restored in
+        the reverse order of their commits).
 
     Raises:
         EditError: An edit computed on another model or of the wrong shape, or a model whose
@@ -302,4 +335,6 @@ def commit(model: Any, *edits: Edit) -> CommittedEdit:
     except BaseException:
         _restore(model, originals)
         raise
-    return CommittedEdit(model, originals)
+    handle = CommittedEdit(model, originals)
+    _LIVE.setdefault(model, []).append(handle)
+    return handle
