@@ -7,7 +7,8 @@ The public API, by concept:
 - corruption: :class:`GaussianNoise`, :class:`TokenReplacement`, :class:`Resample`,
   :class:`ZeroAblation`, :class:`MeanAblation`
 - sites: :func:`register_site`, :func:`get_site`, :func:`list_sites`
-- sweeps: :func:`activation_patching`, :func:`causal_trace`
+- sweeps: :func:`activation_patching`, :func:`causal_trace`, :func:`default_window`, and the
+  execution options all of them take, :class:`ExecutionOptions`
 - gradient estimates: :func:`attribution_patching` (AtP, AtP*), :func:`screen_then_patch`
 - knowledge neurons: :func:`knowledge_neurons`, :class:`KnowledgeNeurons`
 - metrics: :class:`TargetProb`, :class:`LogitDiff`
@@ -49,10 +50,11 @@ from kloc_lens.edit import (
     evaluate_editor,
     second_moment,
 )
-from kloc_lens.engine import Precision
+from kloc_lens.engine import ExecutionOptions, Precision
 from kloc_lens.errors import (
     CorruptionError,
     EditError,
+    HookNotFiredError,
     KlocLensError,
     MetricError,
     ModelError,
@@ -93,7 +95,7 @@ from kloc_lens.sites import (
     register_site,
     unregister_site,
 )
-from kloc_lens.trace import Sweep, activation_patching, causal_trace
+from kloc_lens.trace import Sweep, activation_patching, causal_trace, default_window
 from kloc_lens.types import Direction, TraceKind
 
 __version__ = "0.1.0"
@@ -109,8 +111,10 @@ __all__ = [
     "EditError",
     "EditEvaluation",
     "EditRequest",
+    "ExecutionOptions",
     "Fact",
     "GaussianNoise",
+    "HookNotFiredError",
     "KlocLensError",
     "KnowledgeNeurons",
     "LayerHeadResult",
@@ -154,6 +158,7 @@ __all__ = [
     "attribution_patching",
     "causal_trace",
     "check_model",
+    "default_window",
     "evaluate_edit",
     "evaluate_editor",
     "from_hf",

@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kloc_lens.corrupt import Corruption, GaussianNoise
-from kloc_lens.engine import Precision
+from kloc_lens.engine import ExecutionOptions, Precision, resolve_options
 from kloc_lens.errors import ResultError, SpanError
 from kloc_lens.facts import TokenizedPrompt
 from kloc_lens.results import AggregateSet, AggregateTrace, TraceResult, TraceSet
@@ -173,12 +173,14 @@ def trace_dataset(
     corruption: Corruption | Callable[[Sequence[TokenizedPrompt]], Corruption] | None = None,
     kinds: Sequence[TraceKind | str] = (TraceKind.RESID, TraceKind.MLP, TraceKind.ATTN),
     sever: Sequence[TraceKind | str] = (TraceKind.MLP, TraceKind.ATTN),
-    window: int = 10,
+    window: int | None = None,
     samples: int = 10,
     seed: int = 0,
+    options: ExecutionOptions | None = None,
     batch_size: int | None = None,
-    precision: Precision | str = Precision.FP32,
-    progress: bool = True,
+    memory_budget: int | None = None,
+    precision: Precision | str | None = None,
+    progress: bool | None = None,
 ) -> DatasetTrace:
     """Trace every prompt with ``span`` corrupted and aggregate the indirect effects.
 
@@ -190,13 +192,29 @@ def trace_dataset(
             Gaussian noise, 3 x the std of the span's token embeddings over these prompts.
         kinds: Trace kinds.
         sever: Components for severed residual traces.
-        window: MLP/attention window.
+        window: MLP/attention window; default
+            :func:`~kloc_lens.trace.default_window` of the model's layers.
         samples: Noise samples for the default corruption.
         seed: Noise seed for the default corruption.
-        batch_size: Configurations per forward pass.
-        precision: Arithmetic of the patched passes (see :func:`causal_trace`).
-        progress: Show a progress bar over facts.
+        options: How each fact's sweep executes (:class:`~kloc_lens.engine.ExecutionOptions`),
+            passed on whole to :func:`~kloc_lens.trace.causal_trace`; its ``progress`` shows one
+            bar over the facts instead of one per fact.
+        batch_size: Shorthand: overrides ``options.batch_size``.
+        memory_budget: Shorthand: overrides ``options.memory_budget``.
+        precision: Shorthand: overrides ``options.precision``.
+        progress: Shorthand: overrides ``options.progress``.
+
+    Raises:
+        ResultError: No prompts.
+        SweepError: Bad execution options, kinds or window (see :func:`causal_trace`).
     """
+    opts = resolve_options(
+        options,
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+        precision=precision,
+        progress=progress,
+    )
     if not prompts:
         raise ResultError("no prompts to trace")
     if corruption is None:
@@ -215,10 +233,8 @@ def trace_dataset(
             kinds=kinds,
             sever=sever,
             window=window,
-            batch_size=batch_size,
-            precision=precision,
-            progress=False,
+            options=opts.replace(progress=False),
         )
-        for prompt in tqdm(prompts, desc=f"tracing ({span} corrupted)", disable=not progress)
+        for prompt in tqdm(prompts, desc=f"tracing ({span} corrupted)", disable=not opts.progress)
     )
     return DatasetTrace(traces, aggregate_traces(traces, span), scheme.describe())

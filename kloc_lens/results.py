@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from kloc_lens._formats import read_tag, tag
-from kloc_lens.errors import ResultError
+from kloc_lens.errors import ResultError, choice
 from kloc_lens.types import Direction, LayerHead, LayerPos, LayerPosHead, TraceKind
 
 __all__ = [
@@ -277,6 +277,16 @@ _CLASSES: dict[str, type[PatchResult]] = {
 }
 
 
+def _wanted(
+    kind: TraceKind | str, severed: TraceKind | str | None
+) -> tuple[TraceKind, TraceKind | None]:
+    """Parse the ``get(kind, severed)`` of a trace set."""
+    return (
+        choice(TraceKind, kind, "kind", ResultError),
+        None if severed is None else choice(TraceKind, severed, "severed", ResultError),
+    )
+
+
 @dataclass(frozen=True)
 class TraceSet:
     """Several causal traces of the same prompt and corruption (residual, MLP, attention and
@@ -294,9 +304,10 @@ class TraceSet:
         """The trace of ``kind`` (and severed component).
 
         Raises:
-            ResultError: The set holds no such trace.
+            ResultError: An unknown kind or severed component (the message lists the valid
+                values), or the set holds no such trace.
         """
-        want = (TraceKind(kind), None if severed is None else TraceKind(severed))
+        want = _wanted(kind, severed)
         for trace in self.traces:
             if (trace.kind, trace.severed) == want:
                 return trace
@@ -469,9 +480,10 @@ class AggregateSet:
         """The aggregate of ``kind`` (and severed component).
 
         Raises:
-            ResultError: No such aggregate.
+            ResultError: An unknown kind or severed component (the message lists the valid
+                values), or no such aggregate.
         """
-        want = (TraceKind(kind), None if severed is None else TraceKind(severed))
+        want = _wanted(kind, severed)
         for trace in self.traces:
             if (trace.kind, trace.severed) == want:
                 return trace

@@ -31,15 +31,24 @@ All sweeps run through one batched executor (:mod:`kloc_lens.engine`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 from typing import Any
 
 from torch import Tensor
 
 from kloc_lens.corrupt import Corruption, GaussianNoise
-from kloc_lens.engine import DEFAULT_MEMORY_BUDGET, Patch, Precision, Run, Source, execute
-from kloc_lens.errors import SiteError, SpanError, SweepError
+from kloc_lens.engine import (
+    ExecutionOptions,
+    Patch,
+    Precision,
+    Run,
+    Source,
+    execute,
+    resolve_options,
+)
+from kloc_lens.errors import KlocLensError, SiteError, SpanError, SweepError, choice
 from kloc_lens.facts import Fact, Prompt, TokenizedPrompt, target_token_ids, tokenize
 from kloc_lens.metrics import TargetProb, metric_name
 from kloc_lens.results import (
@@ -51,12 +60,14 @@ from kloc_lens.results import (
     TraceSet,
 )
 from kloc_lens.sites import Site, get_site
-from kloc_lens.types import Direction, TraceKind
+from kloc_lens.types import Direction, Indices, TraceKind
 
 __all__ = [
+    "ExecutionOptions",
     "Sweep",
     "activation_patching",
     "causal_trace",
+    "default_window",
     "frozen_layers",
     "window_layers",
 ]
@@ -128,14 +139,31 @@ def _resolve_inputs(
     return Run(clean_tokens), Run(corrupted_tokens), prompt, description
 
 
-def _check_indices(values: Sequence[int] | None, size: int, what: str) -> tuple[int, ...]:
+def _check_indices(values: Indices | None, size: int, what: str) -> tuple[int, ...]:
+    """Resolve layer/position/head indices (negative ones count from the end).
+
+    Raises:
+        SweepError: Not a sequence of integers, empty, or an index outside ``0..size-1``.
+    """
     if values is None:
         return tuple(range(size))
-    resolved = tuple(int(v) + size if int(v) < 0 else int(v) for v in values)
+    if isinstance(values, Tensor):
+        values = values.reshape(-1).tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise SweepError(f"{what} must be a sequence of integers in 0..{size - 1}, got {values!r}")
+    values = list(values)
+    resolved = []
+    for value in values:
+        index = None if isinstance(value, bool) else _as_int(value)
+        if index is None:
+            raise SweepError(
+                f"{what} must be integers in 0..{size - 1}, got {value!r} in {list(values)!r}"
+            )
+        resolved.append(index + size if index < 0 else index)
     bad = [v for v, r in zip(values, resolved, strict=True) if not 0 <= r < size]
     if bad or not resolved:
         raise SweepError(f"{what} {list(values)} outside 0..{size - 1}")
-    return resolved
+    return tuple(resolved)
 
 
 def _n_heads(model: Any, site: Site) -> int:
@@ -154,13 +182,14 @@ def activation_patching(
     site: str | Site = "resid_pre",
     sweep: Sweep | str = Sweep.LAYER_POS,
     direction: Direction | str = Direction.RESTORE,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
-    heads: Sequence[int] | None = None,
+    layers: Indices | None = None,
+    positions: Indices | None = None,
+    heads: Indices | None = None,
+    options: ExecutionOptions | None = None,
     batch_size: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    precision: Precision | str = Precision.FP32,
-    progress: bool = True,
+    memory_budget: int | None = None,
+    precision: Precision | str | None = None,
+    progress: bool | None = None,
 ) -> PatchResult:
     """Patch one site at every layer and position (or head) and measure ``metric``.
 
@@ -177,12 +206,15 @@ def activation_patching(
         layers: Layers to sweep (default all).
         positions: Positions to sweep (default all).
         heads: Heads to sweep (default all).
-        batch_size: Configurations per forward pass (default: from ``memory_budget``).
-        memory_budget: Bytes of activations a forward pass may use.
-        precision: Arithmetic of the patched passes: ``fp32`` (default, the reference),
-            ``tf32`` (CUDA), ``bf16`` or ``fp16`` autocast (GPUs; about 1e-2 / 1e-3 relative
-            error). The clean and corrupted runs stay float32.
-        progress: Show a progress bar.
+        options: How the sweep executes (:class:`~kloc_lens.engine.ExecutionOptions`: batch
+            size, memory budget, precision, progress bar); default ``ExecutionOptions()``.
+        batch_size: Shorthand: overrides ``options.batch_size`` (configurations per forward
+            pass; default: from the memory budget).
+        memory_budget: Shorthand: overrides ``options.memory_budget`` (bytes of activations a
+            forward pass may use).
+        precision: Shorthand: overrides ``options.precision`` (``fp32``, the default and the
+            reference; ``tf32``, ``bf16``, ``fp16`` on request).
+        progress: Shorthand: overrides ``options.progress`` (show a progress bar).
 
     Returns:
         :class:`LayerPosResult`, :class:`LayerHeadResult` or :class:`LayerPosHeadResult` (the
@@ -191,15 +223,35 @@ def activation_patching(
 
     Raises:
         SiteError: Unknown site, or a head sweep on a site without heads.
-        SweepError: Inputs of different lengths, or layers/positions/heads out of range.
-        MetricError: The metric does not return one number.
+        SweepError: An unknown sweep or direction (the message lists the valid values), inputs
+            of different lengths, layers/positions/heads that are not integers in range, heads
+            on a layer_pos sweep or positions on a layer_head sweep, or bad execution options.
+        MetricError: The metric does not return one finite number.
         ModelError: The model is in train mode or lacks the site's hook points.
+        HookNotFiredError: A patched hook point never ran during a forward pass.
     """
+    opts = resolve_options(
+        options,
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+        precision=precision,
+        progress=progress,
+    )
     site = get_site(site)
-    sweep = Sweep(sweep)
-    direction = Direction(direction)
+    sweep = choice(Sweep, sweep, "sweep", SweepError)
+    direction = choice(Direction, direction, "direction", SweepError)
     if sweep is not Sweep.LAYER_POS and not site.has_heads:
         raise SiteError(f"site {site.name!r} has no head axis; a {sweep.value} sweep needs one")
+    if heads is not None and sweep is Sweep.LAYER_POS:
+        raise SweepError(
+            f"heads={list(heads)!r} is given, but a layer_pos sweep patches every head at once; "
+            "use sweep='layer_head' or 'layer_pos_head' to sweep heads"
+        )
+    if positions is not None and sweep is Sweep.LAYER_HEAD:
+        raise SweepError(
+            f"positions={list(positions)!r} is given, but a layer_head sweep patches every "
+            "position at once; use sweep='layer_pos' or 'layer_pos_head' to sweep positions"
+        )
     clean_run, corrupted_run, prompt, description = _resolve_inputs(model, clean, corrupted)
     n_pos = int(clean_run.tokens.shape[1])
     layer_ids = _check_indices(layers, site.n_layers(model), "layers")
@@ -225,10 +277,7 @@ def activation_patching(
         configs,
         metric,
         base=base,
-        batch_size=batch_size,
-        memory_budget=memory_budget,
-        precision=precision,
-        progress=progress,
+        options=opts,
         desc=f"patching {site.name}",
     )
     str_tokens, spans = _labels(prompt)
@@ -251,6 +300,39 @@ def activation_patching(
     if sweep is Sweep.LAYER_HEAD:
         return LayerHeadResult(**common)
     return LayerPosHeadResult(**common)
+
+
+def default_window(n_layers: int) -> int:
+    """The MLP/attention window of a causal trace on a model of ``n_layers`` layers.
+
+    ROME restores windows of 10 of GPT-2 XL's 48 layers; scaled to the model, at least 2 (a
+    window of 1 would be a single layer, not a window). The one place that computes it:
+    :func:`causal_trace` and :func:`~kloc_lens.aggregate.trace_dataset` use it when no window
+    is given.
+
+    >>> default_window(48), default_window(28), default_window(12), default_window(6)
+    (10, 6, 2, 2)
+
+    Raises:
+        SweepError: ``n_layers`` is not a positive integer.
+    """
+    layers = _positive(n_layers, "n_layers")
+    return max(2, round(10 * layers / 48))
+
+
+def _positive(value: object, what: str) -> int:
+    """``value`` as an integer >= 1, or a :class:`SweepError` naming ``what``."""
+    number = None if isinstance(value, bool) else _as_int(value)
+    if number is None or number < 1:
+        raise SweepError(f"{what} must be an integer >= 1, got {value!r}")
+    return number
+
+
+def _as_int(value: object) -> int | None:
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> tuple[int, ...]:
@@ -299,6 +381,42 @@ def frozen_layers(
 _COMPONENT_SITE = {TraceKind.MLP: "mlp_out", TraceKind.ATTN: "attn_out"}
 
 
+def parse_kinds(
+    values: Sequence[TraceKind | str],
+    what: str,
+    *,
+    allowed: Sequence[TraceKind] = tuple(TraceKind),
+    error: type[KlocLensError] = SweepError,
+) -> list[TraceKind]:
+    """Parse trace kinds (``kinds=``, ``sever=``), refusing unknown ones.
+
+    >>> parse_kinds(["resid", TraceKind.MLP], "kinds")
+    [<TraceKind.RESID: 'resid'>, <TraceKind.MLP: 'mlp'>]
+    >>> parse_kinds(["resid"], "sever", allowed=(TraceKind.MLP, TraceKind.ATTN))
+    Traceback (most recent call last):
+    ...
+    kloc_lens.errors.SweepError: sever must be one of 'mlp', 'attn', got 'resid'
+
+    Raises:
+        SweepError: (or ``error``) A value that is not one of ``allowed``; the message lists
+            them.
+    """
+    if isinstance(values, (str, TraceKind)):
+        values = [values]  # one kind given bare
+    valid = ", ".join(repr(kind.value) for kind in allowed)
+    out = []
+    for value in values:
+        try:
+            kind = TraceKind(value)
+        except ValueError:
+            kind = None
+        if kind is None or kind not in allowed:
+            shown = value.value if isinstance(value, TraceKind) else value
+            raise error(f"{what} must be one of {valid}, got {shown!r}")
+        out.append(kind)
+    return out
+
+
 def _resolve_target(
     model: Any, prompt: TokenizedPrompt, target: str | int | None
 ) -> tuple[int, str]:
@@ -318,15 +436,16 @@ def causal_trace(
     corruption: Corruption | None = None,
     kinds: Sequence[TraceKind | str] = (TraceKind.RESID, TraceKind.MLP, TraceKind.ATTN),
     sever: Sequence[TraceKind | str] = (),
-    window: int = 10,
+    window: int | None = None,
     resid_site: str = "resid_post",
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
+    layers: Indices | None = None,
+    positions: Indices | None = None,
     metric: Callable[[Tensor], Any] | None = None,
+    options: ExecutionOptions | None = None,
     batch_size: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    precision: Precision | str = Precision.FP32,
-    progress: bool = True,
+    memory_budget: int | None = None,
+    precision: Precision | str | None = None,
+    progress: bool | None = None,
 ) -> TraceSet:
     """ROME-protocol causal tracing of one prompt.
 
@@ -338,36 +457,53 @@ def causal_trace(
         corruption: Default: :class:`GaussianNoise` on the subject, 10 samples, seed 0.
         kinds: Which traces to compute: ``resid``, ``mlp``, ``attn``.
         sever: Components (``mlp``, ``attn``) for which a severed residual trace is added.
-        window: Window size of MLP and attention restores (ROME: 10).
+        window: Window size of MLP and attention restores; default :func:`default_window` of
+            the model's layers (ROME: 10 of GPT-2 XL's 48).
         resid_site: The residual state restored by ``resid`` traces (ROME: the block output).
         layers: Layers to trace (default all).
         positions: Positions to trace (default all).
         metric: Overrides the score (default: mean p(target) at the last position).
-        batch_size: Configurations per forward pass.
-        memory_budget: Bytes of activations a forward pass may use.
-        precision: Arithmetic of the patched passes: ``fp32`` (default, the reference),
-            ``tf32`` (CUDA), ``bf16`` or ``fp16`` autocast (GPUs; about 1e-2 / 1e-3 relative
-            error). The clean and corrupted runs stay float32.
-        progress: Show a progress bar.
+        options: How the sweep executes (:class:`~kloc_lens.engine.ExecutionOptions`: batch
+            size, memory budget, precision, progress bar); default ``ExecutionOptions()``.
+        batch_size: Shorthand: overrides ``options.batch_size`` (configurations per forward
+            pass; default: from the memory budget).
+        memory_budget: Shorthand: overrides ``options.memory_budget`` (bytes of activations a
+            forward pass may use).
+        precision: Shorthand: overrides ``options.precision`` (``fp32``, the default and the
+            reference; ``tf32``, ``bf16``, ``fp16`` on request).
+        progress: Shorthand: overrides ``options.progress`` (show a progress bar).
 
     Returns:
         A :class:`TraceSet` with one :class:`TraceResult` per kind and severed component.
+
+    Raises:
+        SweepError: An unknown kind or severed component (the message lists the valid values),
+            a window below 1, layers/positions that are not integers in range, or bad execution
+            options.
+        SiteError: An unknown ``resid_site``.
+        MetricError: The metric does not return one finite number.
+        HookNotFiredError: A restored or frozen hook point never ran during a forward pass.
     """
+    opts = resolve_options(
+        options,
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+        precision=precision,
+        progress=progress,
+    )
+    kind_list = parse_kinds(kinds, "kinds")
+    sever_list = parse_kinds(sever, "sever", allowed=tuple(_COMPONENT_SITE))
+    n_layers = int(model.cfg.n_layers)
+    window = default_window(n_layers) if window is None else _positive(window, "window")
+    resid = get_site(resid_site)
     tokenized = _as_tokenized(model, prompt)
     corruption = corruption if corruption is not None else GaussianNoise()
     made = corruption.apply(model, tokenized)
     target_id, target_text = _resolve_target(model, tokenized, target)
     if metric is None:
         metric = TargetProb(target=target_id, positions=len(tokenized) - 1)
-    n_layers = int(model.cfg.n_layers)
     layer_ids = _check_indices(layers, n_layers, "layers")
     pos_ids = _check_indices(positions, len(tokenized), "positions")
-    kind_list = [TraceKind(k) for k in kinds]
-    sever_list = [TraceKind(k) for k in sever]
-    for component in sever_list:
-        if component not in _COMPONENT_SITE:
-            raise SweepError(f"sever takes 'mlp' or 'attn', got {component.value!r}")
-    resid = get_site(resid_site)
 
     plans: list[tuple[TraceKind, TraceKind | None, int]] = []
     plans += [(kind, None, window if kind is not TraceKind.RESID else 1) for kind in kind_list]
@@ -398,10 +534,7 @@ def causal_trace(
         configs,
         metric,
         base=Source.CORRUPTED,
-        batch_size=batch_size,
-        memory_budget=memory_budget,
-        precision=precision,
-        progress=progress,
+        options=opts,
         desc="causal trace",
     )
     str_tokens, spans = _labels(tokenized)

@@ -8,7 +8,9 @@ signature reads as the tensor it takes::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
+from typing import Any
 
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -16,6 +18,7 @@ from torch import Tensor
 __all__ = [
     "Direction",
     "Embeddings",
+    "Indices",
     "LayerHead",
     "LayerPos",
     "LayerPosHead",
@@ -36,6 +39,11 @@ Scalar = Float[Tensor, ""]
 """A 0-dimensional tensor: what a metric returns for one run."""
 Scores = Float[Tensor, " config"]
 """One metric value per patch configuration of a sweep."""
+Indices = Iterable[Any]
+"""Layer, position or head indices a sweep runs over: integers (a list, a range, a 1-d integer
+tensor; negative ones count from the end). Typed loosely on purpose: a sweep checks every element
+itself and raises a :class:`~kloc_lens.errors.SweepError` naming a bad one (``1.7``, ``"3"``,
+``True``), where a runtime type checker would only sample one element."""
 LayerPos = Float[Tensor, "layer pos"]
 """A sweep over layers and token positions."""
 LayerHead = Float[Tensor, "layer head"]

@@ -113,7 +113,7 @@ def test_mismatched_inputs_and_ranges(tiny):
         )
     with pytest.raises(kl.SweepError, match="needs the clean prompt with its spans"):
         kl.activation_patching(tiny, prompt.tokens[None], kl.ZeroAblation(), metric, progress=False)
-    with pytest.raises(kl.SweepError, match="sever takes 'mlp' or 'attn', got 'resid'"):
+    with pytest.raises(kl.SweepError, match="sever must be one of 'mlp', 'attn', got 'resid'"):
         kl.causal_trace(tiny, prompt, sever=("resid",), progress=False)
     with pytest.raises(kl.MetricError, match="positions has 2 entries for a batch of 1 rows"):
         kl.activation_patching(

@@ -7,7 +7,8 @@ An edit is data: a list of low-rank updates ``ΔW = left @ right`` to output pro
 - **applied as hooks** (:func:`applied`, or ``edit.applied(model)``): a hook on the projection's
   input records the key ``k`` and a hook on its output adds ``(k @ left) @ right``. Nothing in
   the model changes, and the hooks are removed when the ``with`` block ends, also on an
-  exception;
+  exception. A whole forward pass during which an edited projection's hook did not run raises
+  :class:`~kloc_lens.errors.HookNotFiredError` (the edit would silently change nothing);
 - **committed** (:func:`commit`, or ``edit.commit(model)``): ``W += ΔW`` in place on the live
   weight tensor. The returned :class:`CommittedEdit` keeps exact copies of the original weights;
   its ``restore()`` (or leaving it as a context manager) copies them back, bit for bit.
@@ -47,8 +48,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from kloc_lens._hooks import not_fired_message
 from kloc_lens.edit._errors import EditError
 from kloc_lens.edit.projection import Projection
+from kloc_lens.errors import HookNotFiredError
 from kloc_lens.model import model_identity
 
 __all__ = [
@@ -167,14 +170,49 @@ def _grouped(model: Any, edits: Sequence[Edit]) -> dict[_Key, tuple[Tensor, Tens
     return {key: (torch.cat(ls, dim=1), torch.cat(rs, dim=0)) for key, (ls, rs) in parts.items()}
 
 
+_START_HOOK = "hook_embed"
+_END_HOOK = "ln_final.hook_normalized"
+
+
+class _EditFires:
+    """Which output hooks of an edit ran during the current whole forward pass.
+
+    A whole pass runs ``hook_embed`` first and ``ln_final`` last; a pass that starts or stops
+    mid-stack (``start_at_layer``, ``stop_at_layer``, a sweep's block-by-block passes) misses
+    one of them and is not checked: it may legitimately skip the edited layer.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.fired = [False] * len(names)
+        self.started = False
+
+    def start(self, activation: Tensor, hook: Any) -> None:
+        self.started = True
+        self.fired = [False] * len(self.names)
+
+    def end(self, activation: Tensor, hook: Any) -> None:
+        started, self.started = self.started, False
+        if started and not all(self.fired):
+            missing = [n for n, done in zip(self.names, self.fired, strict=True) if not done]
+            raise HookNotFiredError(not_fired_message(missing, "a forward pass with an edit"))
+
+
 def edit_hooks(model: Any, *edits: Edit) -> list[tuple[str, Any]]:
     """The forward hooks that apply ``edits`` (for ``run_with_hooks`` or ``model.hooks``).
+
+    Besides the key and output hooks of each edited projection, two hooks on ``hook_embed`` and
+    ``ln_final.hook_normalized`` (where the model has them) check that every output hook ran
+    during each whole forward pass: an edit whose hook the model never calls raises
+    :class:`~kloc_lens.errors.HookNotFiredError` from that pass instead of changing nothing.
 
     Raises:
         EditError: An edit computed on another model, or of the wrong shape.
     """
     hooks: list[tuple[str, Any]] = []
-    for (layer, projection), (left, right) in _grouped(model, edits).items():
+    grouped = _grouped(model, edits)
+    fires = _EditFires([projection.output_hook(layer) for layer, projection in grouped])
+    for index, ((layer, projection), (left, right)) in enumerate(grouped.items()):
         weight = projection.weight(model, layer)
         left = left.to(device=weight.device, dtype=weight.dtype)
         right = right.to(device=weight.device, dtype=weight.dtype)
@@ -194,15 +232,22 @@ def edit_hooks(model: Any, *edits: Edit) -> list[tuple[str, Any]]:
             seen: list[Tensor] = seen,
             left: Tensor = left,
             right: Tensor = right,
+            index: int = index,
         ) -> Tensor:
             if not seen:
-                raise EditError(f"{hook.name}: the key hook of this edit did not fire first")
+                raise HookNotFiredError(
+                    f"{hook.name}: the key hook of this edit did not run before its output hook"
+                )
+            fires.fired[index] = True
             key = seen.pop()
             seen.clear()
             return activation + ((key.to(left.dtype) @ left) @ right).to(activation.dtype)
 
         hooks.append((projection.key_hook(layer), read_key))
         hooks.append((projection.output_hook(layer), add_output))
+    available = getattr(model, "hook_dict", {})
+    if _START_HOOK in available and _END_HOOK in available:
+        hooks = [(_START_HOOK, fires.start), *hooks, (_END_HOOK, fires.end)]
     return hooks
 
 
@@ -216,6 +261,8 @@ def applied(model: Any, *edits: Edit) -> Iterator[None]:
 
     Raises:
         EditError: An edit computed on another model, or of the wrong shape.
+        HookNotFiredError: From a whole forward pass inside the block during which an edited
+            projection's hook did not run (the edit would have changed nothing).
     """
     hooks = edit_hooks(model, *edits)
     with model.hooks(fwd_hooks=hooks):
