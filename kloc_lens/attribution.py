@@ -83,7 +83,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -108,7 +108,7 @@ from kloc_lens.trace import (
     _resolve_inputs,
     activation_patching,
 )
-from kloc_lens.types import Direction
+from kloc_lens.types import Direction, Indices
 
 __all__ = [
     "AttributionError",
@@ -166,9 +166,9 @@ def _parse(
     site: str | Site,
     sweep: Sweep | str,
     direction: Direction | str,
-    layers: Sequence[int] | None,
-    positions: Sequence[int] | None,
-    heads: Sequence[int] | None,
+    layers: Indices | None,
+    positions: Indices | None,
+    heads: Indices | None,
     method: AttributionMethod | str,
 ) -> _Request:
     site = get_site(site)
@@ -641,9 +641,9 @@ def attribution_patching(
     site: str | Site = "resid_pre",
     sweep: Sweep | str = Sweep.LAYER_POS,
     direction: Direction | str = Direction.RESTORE,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
-    heads: Sequence[int] | None = None,
+    layers: Indices | None = None,
+    positions: Indices | None = None,
+    heads: Indices | None = None,
     method: AttributionMethod | str = AttributionMethod.ATP,
 ) -> PatchResult:
     """Estimate a whole activation-patching sweep from gradients.
@@ -803,9 +803,9 @@ def screen_then_patch(
     site: str | Site = "resid_pre",
     sweep: Sweep | str = Sweep.LAYER_POS,
     direction: Direction | str = Direction.RESTORE,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
-    heads: Sequence[int] | None = None,
+    layers: Indices | None = None,
+    positions: Indices | None = None,
+    heads: Indices | None = None,
     method: AttributionMethod | str = AttributionMethod.ATP_STAR,
     batch_size: int | None = None,
     progress: bool = False,

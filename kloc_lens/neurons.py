@@ -73,6 +73,7 @@ from kloc_lens.facts import (
 )
 from kloc_lens.model import check_model, device_of, model_identity
 from kloc_lens.trace import PromptLike, _check_indices
+from kloc_lens.types import Indices
 
 __all__ = [
     "KnowledgeNeurons",
@@ -410,7 +411,7 @@ def knowledge_neurons(
     prompts: PromptLike | Sequence[PromptLike],
     target: str | int,
     *,
-    layers: Sequence[int] | None = None,
+    layers: Indices | None = None,
     steps: int = 20,
     position: int = -1,
 ) -> NeuronAttribution:
