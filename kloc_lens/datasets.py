@@ -41,6 +41,7 @@ import torch
 
 from kloc_lens.errors import KlocLensError
 from kloc_lens.facts import Fact, Perspective, target_token_ids, tokenize_batch
+from kloc_lens.model import device_of
 
 __all__ = [
     "DatasetError",
@@ -364,13 +365,9 @@ def filter_known(
         batch = tokenize_batch(model, prompts)
         targets = torch.tensor([target_token_ids(model, p)[0] for p in prompts])
         with torch.no_grad():
-            logits = model(batch.tokens.to(_device(model)))
+            logits = model(batch.tokens.to(device_of(model)))
         rows = torch.arange(len(chunk))
         predicted = logits[rows, batch.last.to(logits.device)].argmax(-1).cpu()
         correct.extend(bool(x) for x in (predicted == targets))
     kept = tuple(f for f, ok in zip(facts, correct, strict=True) if ok)
     return KnownFacts(kept, len(facts), perspective, tuple(correct))
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device

@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from kloc_lens._tokens import bos_id, encode, pad_id, pad_rows
 from kloc_lens.errors import PromptError, SpanError, choice
 
 __all__ = [
@@ -396,24 +397,6 @@ class TokenizedPrompt:
         return tuple(sorted(set(resolved)))
 
 
-def _prepends_bos(model: Any) -> tuple[bool, int | None]:
-    tokenizer = model.tokenizer
-    prepend = bool(getattr(model.cfg, "default_prepend_bos", True))
-    bos = tokenizer.bos_token_id
-    return prepend and bos is not None, bos
-
-
-def _encode(model: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    encoded = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
-    offsets = [tuple(o) for o in encoded["offset_mapping"]]
-    prepend, bos = _prepends_bos(model)
-    if prepend:
-        ids = [int(bos), *ids]  # type: ignore[arg-type]
-        offsets = [(0, 0), *offsets]
-    return ids, offsets  # type: ignore[return-value]
-
-
 def _char_to_token_span(
     offsets: Sequence[tuple[int, int]], start: int, end: int, text: str, name: str, bos: bool
 ) -> TokenSpan:
@@ -495,10 +478,10 @@ def tokenize(model: Any, prompt: Prompt | str, **parts: str) -> TokenizedPrompt:
         raise _not_a_prompt(prompt)
     elif parts:
         raise SpanError("give parts as keywords only with a plain-string prompt")
-    ids, offsets = _encode(model, prompt.text)
+    ids, offsets = encode(model, prompt.text)
     if not ids:
         raise SpanError(f"prompt {prompt.text!r} tokenizes to nothing")
-    prepend, _ = _prepends_bos(model)
+    prepend = bos_id(model) is not None
     spans = {
         name: _char_to_token_span(offsets, start, end, prompt.text, name, prepend)
         for name, (start, end) in prompt.char_spans.items()
@@ -590,12 +573,6 @@ def tokenize_batch(model: Any, prompts: Sequence[Prompt | str | TokenizedPrompt]
     if not prompts:
         raise SpanError("no prompts to tokenize")
     items = tuple(p if isinstance(p, TokenizedPrompt) else tokenize(model, p) for p in prompts)
-    width = max(len(p) for p in items)
-    pad = model.tokenizer.pad_token_id
-    if pad is None:
-        pad = model.tokenizer.eos_token_id or 0
-    tokens = torch.full((len(items), width), int(pad), dtype=torch.long)
-    for row, item in enumerate(items):
-        tokens[row, : len(item)] = item.tokens
+    tokens = pad_rows([item.tokens for item in items], pad_id(model))
     last = torch.tensor([len(p) - 1 for p in items], dtype=torch.long)
     return PromptBatch(items, tokens, last)

@@ -1,4 +1,8 @@
-"""Token-level helpers shared by keys, statistics, value optimisation and evaluation."""
+"""Token-level helpers shared by keys, statistics, value optimisation and evaluation.
+
+The BOS and padding rules themselves live in :mod:`kloc_lens._tokens` (shared with
+:mod:`kloc_lens.facts`); the device comes from :func:`kloc_lens.model.device_of`.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +10,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from kloc_lens._tokens import bos_id, encode_ids, pad_id
+from kloc_lens._tokens import pad_rows as padded
 from kloc_lens.edit._errors import EditError
 from kloc_lens.errors import PromptError, SpanError
 from kloc_lens.facts import Prompt, target_token_ids
+from kloc_lens.model import device_of
 
 __all__ = ["Rows", "bos_id", "device_of", "encode", "pad_rows", "target_ids"]
 
 
-def device_of(model: Any) -> torch.device:
-    """The device of the model's parameters."""
-    for param in model.parameters():
-        return param.device
-    return torch.device(str(getattr(model.cfg, "device", None) or "cpu"))
-
-
-def bos_id(model: Any) -> int | None:
-    """The BOS id the model prepends to every prompt, or ``None``."""
-    bos = model.tokenizer.bos_token_id
-    if bool(getattr(model.cfg, "default_prepend_bos", True)) and bos is not None:
-        return int(bos)
-    return None
-
-
 def encode(model: Any, text: str) -> list[int]:
     """Token ids of ``text`` as the model sees it (BOS prepended where the model does)."""
-    ids = [int(i) for i in model.tokenizer(text, add_special_tokens=False)["input_ids"]]
-    bos = bos_id(model)
-    return ids if bos is None else [bos, *ids]
+    return encode_ids(model, text)
 
 
 def target_ids(model: Any, prompt: Prompt, target: str, what: str) -> list[int]:
@@ -74,11 +63,5 @@ def pad_rows(model: Any, rows: Sequence[Sequence[int]]) -> Rows:
     """Pad token rows on the right (causal attention keeps every real token's numbers)."""
     if not rows:
         raise EditError("no token rows to run")
-    pad = model.tokenizer.pad_token_id
-    if pad is None:
-        pad = model.tokenizer.eos_token_id or 0
-    width = max(len(row) for row in rows)
-    tokens = torch.full((len(rows), width), int(pad), dtype=torch.long)
-    for index, row in enumerate(rows):
-        tokens[index, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+    tokens = padded(rows, pad_id(model))
     return Rows(tokens.to(device_of(model)), tuple(len(row) for row in rows))

@@ -48,7 +48,7 @@ from kloc_lens._formats import read_tag, tag
 from kloc_lens.edit._errors import EditError, choice
 from kloc_lens.edit._tokens import bos_id, encode, pad_rows
 from kloc_lens.edit.projection import Projection
-from kloc_lens.model import model_identity
+from kloc_lens.model import device_of, model_identity
 
 __all__ = [
     "SecondMoment",
@@ -118,7 +118,7 @@ class SecondMoment:
         Raises:
             EditError: Another model, layer or projection, or a matrix of the wrong shape.
         """
-        projection = Projection(projection)
+        projection = choice(Projection, projection, "projection")
         identity = model_identity(model)
         if self.model != identity:
             raise EditError(
@@ -220,8 +220,11 @@ def weights_fingerprint(model: Any, layer: int, projection: Projection | str) ->
 
     ``W_in`` (and ``b_in``) of the MLP for ``W_out``; ``W_V`` of the attention for ``W_O``.
     Part of the cache key, so that retrained weights under the same model name miss the cache.
+
+    Raises:
+        EditError: An unknown projection.
     """
-    projection = Projection(projection)
+    projection = choice(Projection, projection, "projection")
     block = model.blocks[layer]
     if projection is Projection.W_OUT:
         tensors = [getattr(block.mlp, name, None) for name in ("W_in", "b_in")]
@@ -340,7 +343,7 @@ def second_moment(
             return load_second_moment(path, model=model, layer=layer, projection=projection)
 
     size = projection.key_size(model)
-    device = next(iter(model.parameters())).device
+    device = device_of(model)
     dtype = torch.float32 if device.type == "mps" else torch.float64
     total = torch.zeros(size, size, dtype=dtype, device=device)
     count = 0
