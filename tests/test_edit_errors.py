@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kloc_lens.edit import (
     ContextSpec,
     EditError,
     EditRequest,
+    LowRankUpdate,
     MemitEditor,
+    Projection,
     RomeEditor,
     ValueSpec,
     evaluate_edit,
+    second_moment,
 )
+from kloc_lens.edit.stats import weights_fingerprint
+from kloc_lens.edit.value import kl_prompts
 from kloc_lens.errors import KlocLensError, ModelError, SpanError
 from kloc_lens.facts import Fact
 
@@ -67,7 +73,7 @@ def test_editor_settings_that_cannot_work(planted, fact):
         RomeEditor(layer=1).compute(model, [request, request])
     with pytest.raises(EditError, match="key of 'Ana Bel' is zero at layer 0"):
         RomeEditor(layer=0, contexts=SMALL).compute(model, request)
-    with pytest.raises(EditError, match="steps >= 0, lr > 0"):
+    with pytest.raises(EditError, match="ValueSpec.lr must be a finite number > 0, got 0.0"):
         ValueSpec(lr=0.0)
     with pytest.raises(EditError, match="count must be >= 0 and lengths >= 1"):
         ContextSpec(lengths=(0,))
@@ -101,3 +107,30 @@ def test_unknown_choices_name_the_options(planted, fact):
         RomeEditor(layer=1, projection="W_in")
     with pytest.raises(EditError, match="key_token must be one of 'subject_last'"):
         MemitEditor(layers=(1,), key_token="first")
+    with pytest.raises(EditError, match="key_token must be one of 'subject_last'.*got 'subject'"):
+        kl_prompts(EditRequest(fact, "Quito"), "subject")
+    model, _ = planted
+    with pytest.raises(EditError, match="projection must be one of 'W_out', 'W_O', got 'mlp'"):
+        weights_fingerprint(model, 1, "mlp")
+    with pytest.raises(EditError, match="projection must be one of 'W_out', 'W_O', got 'W_I'"):
+        second_moment(model, 1, ["Ana Bel lives in Paris"], projection="W_I", progress=False)
+
+
+def test_updates_are_checked_where_they_are_made():
+    with pytest.raises(EditError, match="update of W_out at layer 1: left holds non-finite values"):
+        LowRankUpdate(1, Projection.W_OUT, torch.full((4, 1), float("nan")), torch.zeros(1, 4))
+    with pytest.raises(EditError, match="right holds non-finite values; the edit would turn"):
+        LowRankUpdate(1, Projection.W_OUT, torch.zeros(4, 1), torch.full((1, 4), float("inf")))
+
+
+def test_update_fields_of_the_wrong_type(unchecked):
+    with pytest.raises(EditError, match="LowRankUpdate.projection must be one of 'W_out', 'W_O'"):
+        LowRankUpdate(1, "W_in", torch.zeros(4, 1), torch.zeros(1, 4))  # type: ignore[arg-type]
+    update = LowRankUpdate(1, "W_out", torch.zeros(4, 1), torch.zeros(1, 4))  # type: ignore[arg-type]
+    assert update.projection is Projection.W_OUT
+    with pytest.raises(EditError, match="LowRankUpdate.layer must be an integer, got 1.0"):
+        LowRankUpdate(1.0, Projection.W_OUT, torch.zeros(4, 1), torch.zeros(1, 4))  # type: ignore[arg-type]
+    with pytest.raises(EditError, match="update of W_out at layer 1: left must be a matrix, got"):
+        LowRankUpdate(1, Projection.W_OUT, torch.zeros(4), torch.zeros(1, 4))
+    with pytest.raises(EditError, match="left is \\(4, 2\\) and right \\(1, 4\\); their ranks"):
+        LowRankUpdate(1, Projection.W_OUT, torch.zeros(4, 2), torch.zeros(1, 4))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
-from kloc_lens.edit import ContextSpec, EditRequest, KeyToken, ValueSpec, fit_value
+from kloc_lens.edit import ContextSpec, EditError, EditRequest, KeyToken, ValueSpec, fit_value
 from kloc_lens.edit.keys import generate_contexts, key_position, with_context
+from kloc_lens.edit.request import Objective
 from kloc_lens.edit.value import kl_prompts
+from kloc_lens.errors import SpanError
 from kloc_lens.facts import Fact, tokenize
 
 pytestmark = [pytest.mark.substrate, pytest.mark.one_thread]
@@ -96,3 +100,71 @@ def test_fit_value_stops_early_and_reports_its_history(planted, request_):
     # the unedited model puts its mass on the old object: the initial NLL is large
     assert full.nll[0] > 5.0
     assert full.unlikelihood[0] > 3.0
+
+
+def test_value_spec_refuses_non_finite_and_out_of_range_numbers():
+    for field, value in [
+        ("lr", float("inf")),
+        ("lr", float("nan")),
+        ("weight_decay", float("nan")),
+        ("kl_factor", float("inf")),
+        ("clamp", float("-inf")),
+        ("stop_loss", float("nan")),
+    ]:
+        with pytest.raises(EditError, match=f"ValueSpec.{field} must be a finite number"):
+            ValueSpec(**{field: value})
+    with pytest.raises(EditError, match="ValueSpec.decrease_weight must be a finite number >= 0"):
+        ValueSpec(decrease_weight=-1.0)
+    with pytest.raises(EditError, match="ValueSpec.converge_factor must be a finite number > 0"):
+        ValueSpec(converge_factor=0.0)
+    with pytest.raises(EditError, match="ValueSpec.steps must be an integer >= 0, got -1"):
+        ValueSpec(steps=-1)
+    with pytest.raises(SpanError, match="ValueSpec.kl_templates\\[0\\] '{subject is a' is not a"):
+        ValueSpec(kl_templates=("{subject is a",))
+
+
+def test_value_spec_refuses_numbers_of_the_wrong_type(unchecked):
+    with pytest.raises(EditError, match="ValueSpec.steps must be an integer >= 0, got 2.5"):
+        ValueSpec(steps=2.5)  # type: ignore[arg-type]
+    with pytest.raises(EditError, match="ValueSpec.steps must be an integer >= 0, got True"):
+        ValueSpec(steps=True)
+    with pytest.raises(EditError, match="ValueSpec.lr must be a finite number > 0, got str '0.5'"):
+        ValueSpec(lr="0.5")  # type: ignore[arg-type]
+    with pytest.raises(EditError, match="kl_templates must be a tuple of templates or None"):
+        ValueSpec(kl_templates="{subject} is a")  # type: ignore[arg-type]
+
+
+def test_a_fit_far_above_its_stop_loss_warns_and_is_marked(planted, request_, caplog):
+    model, facts = planted
+    hook = f"blocks.{facts.mlp_layer}.hook_mlp_out"
+    with caplog.at_level(logging.WARNING, logger="kloc_lens.edit.value"):
+        short = fit_value(model, request_.objectives(), hook_name=hook, spec=ValueSpec(steps=1))
+    assert not short.converged
+    assert "did not converge: its rewrite loss (NLL + unlikelihood) is" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kloc_lens.edit.value"):
+        done = fit_value(model, request_.objectives(), hook_name=hook, spec=ValueSpec(steps=40))
+    assert done.converged and done.nll[-1] + done.unlikelihood[-1] <= 0.5
+    assert "did not converge" not in caplog.text
+
+
+def test_a_loss_that_turns_non_finite_stops_the_fit(planted, request_):
+    model, facts = planted
+    with pytest.raises(EditError, match="reached a nan loss at step 0 .* not finite"):
+        fit_value(
+            model,
+            request_.objectives(),
+            hook_name=f"blocks.{facts.mlp_layer}.hook_mlp_out",
+            spread=lambda tokens: torch.full(tokens.shape, float("nan")),
+        )
+
+
+def test_a_rewrite_row_longer_than_the_context_is_refused(planted, request_):
+    model, facts = planted
+    prompt = request_.entity_prompt()
+    # the prompt fits the context, the prompt with its (multi-token) target does not
+    room = model.cfg.n_ctx - len(tokenize(model, prompt))
+    target = " ".join([facts.spare_objects[0]] * (room + 2))
+    objective = Objective(prompt, target, None)
+    with pytest.raises(EditError, match="more than the model's context of n_ctx="):
+        fit_value(model, [objective], hook_name=f"blocks.{facts.mlp_layer}.hook_mlp_out")

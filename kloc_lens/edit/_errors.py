@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import TypeVar
 
+from kloc_lens import errors
 from kloc_lens.errors import EditError
 
 __all__ = ["EditError", "choice"]
@@ -13,9 +14,6 @@ E = TypeVar("E", bound=Enum)
 
 
 def choice(kind: type[E], value: object, what: str) -> E:
-    """``kind(value)`` for an enum, or an :class:`EditError` that lists the choices."""
-    try:
-        return kind(value)  # type: ignore[call-arg]
-    except ValueError:
-        options = ", ".join(repr(member.value) for member in kind)
-        raise EditError(f"{what} must be one of {options}, got {value!r}") from None
+    """``kind(value)`` for an enum, or an :class:`EditError` that lists the choices
+    (:func:`kloc_lens.errors.choice` with the editing subpackage's error)."""
+    return errors.choice(kind, value, what, EditError)

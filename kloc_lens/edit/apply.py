@@ -49,7 +49,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kloc_lens._hooks import not_fired_message
-from kloc_lens.edit._errors import EditError
+from kloc_lens.edit._errors import EditError, choice
 from kloc_lens.edit.projection import Projection
 from kloc_lens.errors import HookNotFiredError
 from kloc_lens.model import model_identity
@@ -81,6 +81,28 @@ class LowRankUpdate:
     projection: Projection
     left: Float[Tensor, "d_in rank"]
     right: Float[Tensor, "rank d_model"]
+
+    def __post_init__(self) -> None:
+        projection = choice(Projection, self.projection, "LowRankUpdate.projection")
+        object.__setattr__(self, "projection", projection)
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise EditError(f"LowRankUpdate.layer must be an integer, got {self.layer!r}")
+        where = f"update of {projection.value} at layer {self.layer}"
+        for name in ("left", "right"):
+            factor = getattr(self, name)
+            if not isinstance(factor, Tensor) or factor.dim() != 2:
+                shown = tuple(factor.shape) if isinstance(factor, Tensor) else type(factor).__name__
+                raise EditError(f"{where}: {name} must be a matrix, got {shown}")
+        if self.left.shape[1] != self.right.shape[0]:
+            raise EditError(
+                f"{where}: left is {tuple(self.left.shape)} and right {tuple(self.right.shape)}; "
+                "their ranks differ"
+            )
+        for name in ("left", "right"):
+            if not bool(torch.isfinite(getattr(self, name)).all()):
+                raise EditError(
+                    f"{where}: {name} holds non-finite values; the edit would turn the logits NaN"
+                )
 
     @property
     def rank(self) -> int:
@@ -154,7 +176,7 @@ def _grouped(model: Any, edits: Sequence[Edit]) -> dict[_Key, tuple[Tensor, Tens
         if edit.model != identity:
             raise EditError(f"the edit was computed on model {edit.model!r}, not {identity!r}")
         for update in edit.updates:
-            projection = Projection(update.projection)
+            projection = choice(Projection, update.projection, "projection")
             if not 0 <= update.layer < n_layers:
                 raise EditError(f"edit at layer {update.layer}; the model has 0..{n_layers - 1}")
             size = projection.key_size(model)

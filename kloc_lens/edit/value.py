@@ -16,7 +16,11 @@ at every token instead of adding it at the key token only, as a rank-one update 
 model's parameters are frozen while it runs (their ``requires_grad`` flags are restored
 afterwards) and only ``delta`` is differentiated (``torch.autograd.grad``), so no parameter's
 ``.grad`` is ever written and no weight changes. The loop stops early once the loss falls
-below ``stop_loss``.
+below ``stop_loss``. A fit whose rewrite terms (NLL and weighted unlikelihood: what the edit is
+for; the KL and norm terms have a floor every edit pays) end far above it, more than
+``ValueSpec.converge_factor`` times ``stop_loss``, is marked ``converged=False`` and logs a
+warning: the edit it gives is unlikely to hold. A loss that turns non-finite stops the fit with an
+:class:`EditError`.
 
 The defaults are ROME's for GPT-2 XL: lr 0.5, 20 steps, KL factor 0.0625, weight decay 0.5,
 clamp 4. The KL term is read at the last position of each KL prompt (the prediction after
@@ -37,6 +41,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,9 +55,11 @@ from kloc_lens.edit._errors import EditError, choice
 from kloc_lens.edit._tokens import device_of, pad_rows, target_ids
 from kloc_lens.edit.keys import KeyToken, key_position, with_context
 from kloc_lens.edit.request import EditRequest, Objective
-from kloc_lens.facts import Prompt, format_template, tokenize
+from kloc_lens.facts import Prompt, check_template, format_template, tokenize
 
 __all__ = ["Spread", "ValueFit", "ValueSpec", "fit_value", "frozen", "kl_prompts"]
+
+logger = logging.getLogger(__name__)
 
 Spread = Callable[[Tensor], Tensor]
 """Token ids ``[batch, pos]`` -> the factor of the value change at each position."""
@@ -80,6 +88,13 @@ class ValueSpec:
         kl_templates: Templates of the KL prompts (fields ``{subject}``, ``{relation}``,
             ``{object}``, the key token's span among them); ``None``: ``"{subject} is a"`` for
             subject keys, ``"{relation} is a"`` / ``"{object} is a"`` for relation / object keys.
+        converge_factor: A fit whose final rewrite loss (NLL plus weighted unlikelihood) is
+            above ``converge_factor * stop_loss`` has not converged: :attr:`ValueFit.converged`
+            is ``False`` and a warning is logged.
+
+    Raises:
+        EditError: A number that is not finite, of the wrong type or out of range (the
+            message names the field and the value); a KL template that is malformed.
     """
 
     lr: float = 0.5
@@ -90,13 +105,33 @@ class ValueSpec:
     stop_loss: float = 5e-2
     decrease_weight: float = 1.0
     kl_templates: tuple[str, ...] | None = None
+    converge_factor: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.lr <= 0 or self.clamp <= 0:
-            raise EditError(
-                f"value optimisation needs steps >= 0, lr > 0 and clamp > 0; got steps "
-                f"{self.steps}, lr {self.lr}, clamp {self.clamp}"
-            )
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise EditError(f"ValueSpec.steps must be an integer >= 0, got {self.steps!r}")
+        positive = ("lr", "clamp", "converge_factor")
+        for name in (*positive, "kl_factor", "weight_decay", "stop_loss", "decrease_weight"):
+            value = getattr(self, name)
+            bound = "> 0" if name in positive else ">= 0"
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise EditError(
+                    f"ValueSpec.{name} must be a finite number {bound}, got "
+                    f"{type(value).__name__} {value!r}"
+                )
+            if not math.isfinite(value) or value < 0 or (name in positive and value == 0):
+                raise EditError(f"ValueSpec.{name} must be a finite number {bound}, got {value!r}")
+        if self.kl_templates is not None:
+            if isinstance(self.kl_templates, str) or not isinstance(
+                self.kl_templates, (tuple, list)
+            ):
+                raise EditError(
+                    f"ValueSpec.kl_templates must be a tuple of templates or None, got "
+                    f"{self.kl_templates!r}"
+                )
+            object.__setattr__(self, "kl_templates", tuple(self.kl_templates))
+            for index, template in enumerate(self.kl_templates):
+                check_template(template, f"ValueSpec.kl_templates[{index}]")
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,6 +150,9 @@ class ValueFit:
         stopped_early: Whether the loss fell below ``stop_loss``.
         spread: Whether the change was fitted through a spread over all tokens (``False``: at
             the key token only).
+        converged: Whether the final rewrite loss (NLL plus weighted unlikelihood) is at most
+            the spec's ``converge_factor * stop_loss``; a fit that ends far above its stop loss
+            gives an edit unlikely to hold.
     """
 
     hook: str
@@ -127,6 +165,7 @@ class ValueFit:
     updates: int
     stopped_early: bool
     spread: bool = False
+    converged: bool = True
 
     @property
     def final_loss(self) -> float:
@@ -252,6 +291,13 @@ def fit_value(
     rewrite = [i for i, row in enumerate(rows) if row.kind != "kl"]
     if not rewrite:
         raise EditError("no objective has a target to increase or decrease")
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    longest = max(rows, key=lambda row: len(row.tokens))
+    if isinstance(n_ctx, int) and len(longest.tokens) > n_ctx:
+        raise EditError(
+            f"a rewrite prompt with its context and target is {len(longest.tokens)} tokens long, "
+            f"more than the model's context of n_ctx={n_ctx}; use shorter contexts or prompts"
+        )
     # Rows that feed the model the same tokens (an increase and a decrease target of one token
     # each after the same prompt) share one sequence of the batch.
     sequences: dict[tuple[tuple[int, ...], int], int] = {}
@@ -345,6 +391,12 @@ def fit_value(
             nlls.append(float(nll.detach()))
             unlikely.append(float(unlikelihood.detach()))
             kls.append(float(kl_term.detach()))
+            if not math.isfinite(losses[-1]):
+                raise EditError(
+                    f"the value fit at {hook_name} reached a {losses[-1]} loss at step {step} "
+                    f"(NLL {nlls[-1]}, unlikelihood {unlikely[-1]}, KL {kls[-1]}): the model's "
+                    "activations or logits are not finite; check the model's weights"
+                )
             if losses[-1] < spec.stop_loss:
                 stopped = True
                 break
@@ -366,6 +418,19 @@ def fit_value(
                 norm = delta.norm()
                 if norm > limit:
                     delta.mul_(limit / norm)
+    rewrite_loss = nlls[-1] + spec.decrease_weight * unlikely[-1]
+    converged = rewrite_loss <= spec.converge_factor * spec.stop_loss
+    if not converged:
+        logger.warning(
+            "the value fit at %s did not converge: its rewrite loss (NLL + unlikelihood) is "
+            "%.4g after %d steps, more than %g x the stop loss %g; the edit is unlikely to hold "
+            "(more steps, a higher lr or another layer may help)",
+            hook_name,
+            rewrite_loss,
+            updates,
+            spec.converge_factor,
+            spec.stop_loss,
+        )
     return ValueFit(
         hook=hook_name,
         delta=delta.detach().clone(),
@@ -377,4 +442,5 @@ def fit_value(
         updates=updates,
         stopped_early=stopped,
         spread=spread is not None,
+        converged=converged,
     )
