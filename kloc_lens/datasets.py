@@ -18,7 +18,10 @@ paraphrases ``rel_prompts`` (subject slot ``{}``, true object written out; also 
 record's top level).
 
 Both loaders return :class:`~kloc_lens.facts.Fact` objects and refuse malformed records with a
-:class:`DatasetError` that names the record and the field.
+:class:`DatasetError` that names the record and the field: a file that is not UTF-8 JSON, a
+prompt with more than one ``{}`` slot, a field name that looks like a misspelt known one
+(``"paraphrase_prompt"``), and a file that mixes plain and relation-augmented records.
+kloc_lens' own layout is read strictly: a field that is not one of :class:`Fact`'s is an error.
 
 Example:
     >>> facts = real_world_facts()
@@ -30,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,8 +43,8 @@ from typing import Any
 
 import torch
 
-from kloc_lens.errors import KlocLensError
-from kloc_lens.facts import Fact, Perspective, target_token_ids, tokenize_batch
+from kloc_lens.errors import KlocLensError, choice
+from kloc_lens.facts import Fact, Perspective, find_word, target_token_ids, tokenize_batch
 from kloc_lens.model import device_of
 
 __all__ = [
@@ -63,13 +67,57 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise DatasetError(f"no dataset file at {str(path)!r}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(
+            f"{str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
+        ) from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise DatasetError(f"{str(path)!r} is not valid JSON: {err}") from err
 
 
+def _path(path: object) -> Path:
+    if not isinstance(path, (str, Path)):
+        raise DatasetError(f"path must be a str or Path, got {type(path).__name__} {path!r}")
+    return Path(path)
+
+
+def _check_limit(limit: object) -> int | None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise DatasetError(f"limit must be a non-negative integer or None, got {limit!r}")
+    return limit
+
+
+# The fields of CounterFact records (and of the study's relation-augmented form) by level.
+_COUNTERFACT_FIELDS = {
+    "": {
+        "case_id",
+        "pararel_idx",
+        "requested_rewrite",
+        "paraphrase_prompts",
+        "neighborhood_prompts",
+        "attribute_prompts",
+        "generation_prompts",
+        "rel_prompts",
+    },
+    "requested_rewrite": {
+        "prompt",
+        "subject",
+        "relation_id",
+        "target_true",
+        "target_new",
+        "relation",
+        "add_rel_prompt",
+        "rm_rel_prompt",
+        "rel_prompts",
+    },
+}
+
+
 def _read_records(path: str | Path) -> list[Any]:
-    path = Path(path)
+    path = _path(path)
     data = _read_json(path)
     if not isinstance(data, list):
         raise DatasetError(
@@ -87,6 +135,28 @@ class _Record:
         self.record = record
         case = record.get("case_id")
         self.label = f"record {index}" + (f" (case_id {case})" if case is not None else "")
+
+    def check_fields(self, known: dict[str, set[str]], *, strict: bool) -> None:
+        """Refuse unknown field names: every one if ``strict``, else those that look like a
+        misspelt known one (CounterFact files may carry fields of their own)."""
+        for level, names in known.items():
+            fields = self.record if not level else self.record.get(level)
+            if not isinstance(fields, dict):
+                continue
+            for name in fields:
+                if name in names:
+                    continue
+                close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.8)
+                where = f"{level}.{name}" if level else name
+                if close:
+                    raise DatasetError(
+                        f"{self.label}: unknown field {where!r}; did you mean {close[0]!r}?"
+                    )
+                if strict:
+                    known_names = ", ".join(sorted(names))
+                    raise DatasetError(
+                        f"{self.label}: unknown field {where!r} (fields: {known_names})"
+                    )
 
     def get(self, dotted: str, kind: type, *, required: bool = True) -> Any:
         value: Any = self.record
@@ -113,11 +183,17 @@ class _Record:
         return values
 
     def subject_template(self, text: str, subject: str, dotted: str) -> str:
-        """Template of a raw prompt: its ``{}`` slot, else the subject's last occurrence."""
+        """Template of a raw prompt: its ``{}`` slot, else the subject's last occurrence (as
+        whole words)."""
+        if text.count("{}") > 1:
+            raise DatasetError(
+                f"{self.label}: {dotted} {text!r} has {text.count('{}')} '{{}}' slots; a prompt "
+                "has one subject slot"
+            )
         if "{}" in text:
             before, after = text.split("{}", 1)
         else:
-            at = text.rfind(subject)
+            at = find_word(text, subject, last=True)
             if at < 0:
                 raise DatasetError(
                     f"{self.label}: {dotted} {text!r} has no '{{}}' slot and no subject {subject!r}"
@@ -129,7 +205,7 @@ class _Record:
         """Replace the object's last occurrence in a template by ``{object}``."""
         text = template
         obj = _escape(obj)
-        at = text.rfind(obj)
+        at = find_word(text, obj, last=True)
         if at < 0:
             raise DatasetError(
                 f"{self.label}: {dotted} {text!r} does not contain the object {obj!r}"
@@ -142,6 +218,7 @@ def _escape(text: str) -> str:
 
 
 def _entity_fields(rec: _Record, relations: dict[str, str] | None) -> dict[str, Any]:
+    rec.check_fields(_COUNTERFACT_FIELDS, strict=False)
     subject = rec.get("requested_rewrite.subject", str)
     prompt = rec.get("requested_rewrite.prompt", str)
     if "{}" not in prompt:
@@ -177,8 +254,10 @@ def load_counterfact(
         limit: Read at most this many records.
 
     Raises:
-        DatasetError: The file or a record is malformed (the message names record and field).
+        DatasetError: The file or a record is malformed (the message names record and field),
+            or ``limit`` is not a non-negative integer.
     """
+    limit = _check_limit(limit)
     facts = []
     for index, raw in enumerate(_read_records(path)[:limit]):
         rec = _Record(raw, index)
@@ -193,8 +272,10 @@ def load_relation_counterfact(path: str | Path, *, limit: int | None = None) -> 
     ``rm_rel_prompt`` (true object), its paraphrases from ``rel_prompts``.
 
     Raises:
-        DatasetError: The file or a record is malformed (the message names record and field).
+        DatasetError: The file or a record is malformed (the message names record and field),
+            or ``limit`` is not a non-negative integer.
     """
+    limit = _check_limit(limit)
     facts = []
     for index, raw in enumerate(_read_records(path)[:limit]):
         rec = _Record(raw, index)
@@ -266,13 +347,15 @@ def facts_from_json(data: Any, *, source: str = "facts") -> list[Fact]:
     the fields of :class:`~kloc_lens.facts.Fact` (lists for the tuple fields).
 
     Raises:
-        DatasetError: A record is malformed (the message names record and field).
+        DatasetError: A record is malformed or has a field :class:`Fact` does not have (the
+            message names record and field).
     """
     if not isinstance(data, dict) or not isinstance(data.get("facts"), list):
         raise DatasetError(f"{source}: expected an object with a 'facts' list")
     facts = []
     for index, raw in enumerate(data["facts"]):
         rec = _Record(raw, index)
+        rec.check_fields({"": set(_FACT_FIELDS)}, strict=True)
         fields: dict[str, Any] = {}
         for name, kind in _FACT_FIELDS.items():
             required = name in ("subject", "relation", "object")
@@ -290,18 +373,35 @@ def load_facts(path: str | Path, *, limit: int | None = None) -> list[Fact]:
     ``add_rel_prompt``) or plain CounterFact.
 
     Raises:
-        DatasetError: The file is in none of these formats or a record is malformed.
+        DatasetError: The file is in none of these formats, mixes plain and relation-augmented
+            CounterFact records, or a record is malformed.
     """
-    path = Path(path)
+    limit = _check_limit(limit)
+    path = _path(path)
     data = _read_json(path)
     if isinstance(data, dict):
         return facts_from_json(data, source=str(path))[:limit]
     if isinstance(data, list) and data and isinstance(data[0], dict):
-        rewrite = data[0].get("requested_rewrite", {})
-        if isinstance(rewrite, dict) and "add_rel_prompt" in rewrite:
+        kinds = [_record_kind(raw) for raw in data]
+        first = kinds[0]
+        for index, kind in enumerate(kinds):
+            if kind != first:
+                label = _Record(data[index], index).label
+                raise DatasetError(
+                    f"{str(path)!r} mixes record formats: {label} is {kind}, but record 0 is "
+                    f"{first}; a file holds one format"
+                )
+        if first == "relation-augmented CounterFact":
             return load_relation_counterfact(path, limit=limit)
         return load_counterfact(path, limit=limit)
     raise DatasetError(f"{str(path)!r} is neither kloc_lens facts JSON nor CounterFact")
+
+
+def _record_kind(raw: Any) -> str:
+    rewrite = raw.get("requested_rewrite") if isinstance(raw, dict) else None
+    if isinstance(rewrite, dict) and "add_rel_prompt" in rewrite:
+        return "relation-augmented CounterFact"
+    return "plain CounterFact"
 
 
 def real_world_facts() -> list[Fact]:
@@ -353,8 +453,13 @@ def filter_known(
     """Keep the facts whose answer is the model's top-1 next token (first token of the answer).
 
     The study keeps only correctly predicted facts before tracing or editing.
+
+    Raises:
+        DatasetError: An unknown perspective, or a batch size that is not a positive integer.
     """
-    perspective = Perspective(perspective)
+    perspective = choice(Perspective, perspective, "perspective", DatasetError)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DatasetError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     correct: list[bool] = []
     for start in range(0, len(facts), batch_size):
         chunk = facts[start : start + batch_size]

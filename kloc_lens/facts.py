@@ -46,6 +46,7 @@ __all__ = [
     "TokenSpan",
     "TokenizedPrompt",
     "check_template",
+    "find_word",
     "target_token_ids",
     "tokenize",
     "tokenize_batch",

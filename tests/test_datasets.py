@@ -196,3 +196,110 @@ def test_load_facts_recognises_formats(tmp_path):
     ours.write_text(json.dumps([1, 2]))
     with pytest.raises(DatasetError, match="neither kloc_lens facts JSON nor CounterFact"):
         load_facts(ours)
+
+
+def test_a_file_that_is_not_utf8_names_the_byte(tmp_path):
+    from kloc_lens.datasets import load_facts
+
+    path = tmp_path / "latin1.json"
+    path.write_bytes(json.dumps([RECORD], ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(DatasetError, match="latin1.json' is not UTF-8 text \\(byte \\d+: invalid"):
+        load_counterfact(path)
+    with pytest.raises(DatasetError, match="is not UTF-8 text"):
+        load_facts(path)
+
+
+def test_a_file_that_mixes_record_formats_names_the_record(tmp_path):
+    from kloc_lens.datasets import load_facts
+
+    other = {**RECORD, "case_id": 9}
+    with pytest.raises(
+        DatasetError,
+        match="mixes record formats: record 1 \\(case_id 9\\) is plain CounterFact, but record 0 "
+        "is relation-augmented CounterFact",
+    ):
+        load_facts(_write(tmp_path, [RELATION_RECORD, other]))
+    with pytest.raises(DatasetError, match="record 1 \\(case_id 7\\) is relation-augmented"):
+        load_facts(_write(tmp_path, [other, RELATION_RECORD]))
+
+
+def test_a_prompt_with_two_subject_slots_names_record_and_field(tmp_path):
+    record = json.loads(json.dumps(RECORD))
+    record["requested_rewrite"]["prompt"] = "The mother tongue of {} and {} is"
+    with pytest.raises(
+        DatasetError,
+        match="record 0 \\(case_id 7\\): requested_rewrite.prompt 'The mother tongue of {} and "
+        "{} is' has 2 '{}' slots",
+    ):
+        load_counterfact(_write(tmp_path, [record]))
+    record = json.loads(json.dumps(RECORD))
+    record["paraphrase_prompts"] = ["{} speaks like {}"]
+    with pytest.raises(DatasetError, match="paraphrase_prompts\\[0\\] '{} speaks like {}' has 2"):
+        load_counterfact(_write(tmp_path, [record]))
+
+
+def test_misspelt_fields_name_record_and_field(tmp_path):
+    from kloc_lens.datasets import load_facts
+
+    record = json.loads(json.dumps(RECORD))
+    record["paraphrase_prompt"] = record.pop("paraphrase_prompts")
+    with pytest.raises(
+        DatasetError,
+        match="record 0 \\(case_id 7\\): unknown field 'paraphrase_prompt'; did you mean "
+        "'paraphrase_prompts'",
+    ):
+        load_counterfact(_write(tmp_path, [record]))
+    record = json.loads(json.dumps(RELATION_RECORD))
+    record["requested_rewrite"]["rm_rel_promt"] = record["requested_rewrite"].pop("rm_rel_prompt")
+    with pytest.raises(DatasetError, match="'requested_rewrite.rm_rel_promt'; did you mean 'rm_"):
+        load_facts(_write(tmp_path, [record]))
+    extra = {**RECORD, "source": "wikidata dump"}  # a field of its own, not a misspelling
+    assert load_counterfact(_write(tmp_path, [extra]))[0].subject == "Danielle Darrieux"
+    ours = tmp_path / "ours.json"
+    ours.write_text(json.dumps({"facts": [{"subject": "A", "relation": "r", "objct": "C"}]}))
+    with pytest.raises(DatasetError, match="record 0: unknown field 'objct'; did you mean 'obj"):
+        load_facts(ours)
+    ours.write_text(
+        json.dumps({"facts": [{"subject": "A", "relation": "r", "object": "C", "x": 1}]})
+    )
+    with pytest.raises(DatasetError, match="record 0: unknown field 'x' \\(fields: entity_para"):
+        load_facts(ours)
+
+
+def test_templates_and_objects_are_matched_as_whole_words(tmp_path):
+    record = json.loads(json.dumps(RELATION_RECORD))
+    record["requested_rewrite"]["rel_prompts"] = ["Frenchman Danielle Darrieux and French? By"]
+    (fact,) = load_relation_counterfact(_write(tmp_path, [record]))
+    assert fact.relation_paraphrases == ("Frenchman {subject} and {object}? By",)
+    record["requested_rewrite"]["rel_prompts"] = ["Danielle Darrieux and Frenchmen? By"]
+    with pytest.raises(DatasetError, match="does not contain the object 'French'"):
+        load_relation_counterfact(_write(tmp_path, [record]))
+
+
+def test_counts_and_choices_are_checked(tmp_path, planted):
+    from kloc_lens.datasets import load_facts
+
+    path = _write(tmp_path, [RECORD, RECORD])
+    for loader in (load_counterfact, load_facts):
+        with pytest.raises(
+            DatasetError, match="limit must be a non-negative integer or None, got -"
+        ):
+            loader(path, limit=-1)
+    assert len(load_counterfact(path, limit=0)) == 0
+    model, facts = planted
+    fact = kl.Fact(facts.subjects[0], "home", facts.objects[0], entity_template=facts.template)
+    with pytest.raises(DatasetError, match="perspective must be one of 'entity', 'relation', got"):
+        filter_known(model, [fact], "object")
+    with pytest.raises(DatasetError, match="batch_size must be an integer >= 1, got 0"):
+        filter_known(model, [fact], batch_size=0)
+
+
+def test_arguments_of_the_wrong_type(tmp_path, planted, unchecked):
+    model, facts = planted
+    fact = kl.Fact(facts.subjects[0], "home", facts.objects[0], entity_template=facts.template)
+    with pytest.raises(DatasetError, match="limit must be a non-negative integer or None, got 1.5"):
+        load_counterfact(_write(tmp_path, [RECORD]), limit=1.5)  # type: ignore[arg-type]
+    with pytest.raises(DatasetError, match="batch_size must be an integer >= 1, got 2.0"):
+        filter_known(model, [fact], batch_size=2.0)  # type: ignore[arg-type]
+    with pytest.raises(DatasetError, match="path must be a str or Path, got list"):
+        load_counterfact([RECORD])  # type: ignore[arg-type]
