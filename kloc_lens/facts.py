@@ -46,6 +46,7 @@ __all__ = [
     "TokenSpan",
     "TokenizedPrompt",
     "check_template",
+    "check_tokens",
     "find_word",
     "target_token_ids",
     "tokenize",
@@ -448,6 +449,50 @@ def _check_ids(
                 f"{name} {prompt.text[start:end]!r} of prompt {_shown(prompt.text)} is not in the "
                 f"vocabulary: it tokenizes to the unknown token {model.tokenizer.unk_token!r}"
             )
+
+
+def check_tokens(model: Any, tokens: Tensor, what: str) -> None:
+    """Refuse token ids the model cannot embed, before any forward pass.
+
+    For token tensors given directly (clean or corrupted runs of a sweep) rather than through
+    :func:`tokenize`, which checks its own prompts.
+
+    Args:
+        model: The hooked model (``cfg.d_vocab``, ``cfg.n_ctx``).
+        tokens: Token ids, ``[pos]`` or ``[batch, pos]``.
+        what: The argument, as messages should name it (``"corrupted tokens"``).
+
+    Raises:
+        PromptError: Not an integer tensor, ids outside ``0..d_vocab-1``, or rows longer than
+            the model's context.
+    """
+    if (
+        not isinstance(tokens, Tensor)
+        or tokens.dtype.is_floating_point
+        or tokens.dtype
+        in (
+            torch.bool,
+            torch.complex64,
+            torch.complex128,
+        )
+    ):
+        shown = tokens.dtype if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise PromptError(f"{what} must be an integer tensor of token ids, got {shown}")
+    if tokens.numel() == 0:
+        raise PromptError(f"{what} hold no tokens")
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if isinstance(n_ctx, int) and tokens.shape[-1] > n_ctx:
+        raise PromptError(
+            f"{what} are {tokens.shape[-1]} tokens long, more than the model's context of "
+            f"n_ctx={n_ctx} tokens"
+        )
+    d_vocab = int(model.cfg.d_vocab)
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= d_vocab:
+        bad = sorted({int(i) for i in tokens.flatten().tolist() if not 0 <= int(i) < d_vocab})
+        raise PromptError(
+            f"{what} hold ids {bad[:10]}, outside the model's vocabulary 0..{d_vocab - 1}"
+        )
 
 
 def tokenize(model: Any, prompt: Prompt | str, **parts: str) -> TokenizedPrompt:

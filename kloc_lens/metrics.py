@@ -17,8 +17,9 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -89,6 +90,40 @@ def _as_index(value: int | Sequence[int] | Tensor, rows: int, what: str) -> Int[
     return index
 
 
+def _token_ids(value: object, what: str) -> int:
+    """Check token ids (one, a sequence or an integer tensor) once; return the largest."""
+    if isinstance(value, Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise MetricError(f"{what} must hold integer token ids, got a {value.dtype} tensor")
+        ids = [int(i) for i in value.reshape(-1).tolist()]
+    else:
+        items = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+        ids = []
+        for item in items:
+            if isinstance(item, bool):
+                raise MetricError(f"{what} must hold integer token ids, got {item!r}")
+            try:
+                ids.append(operator.index(item))  # type: ignore[arg-type]
+            except TypeError:
+                raise MetricError(
+                    f"{what} must hold integer token ids, got {type(item).__name__} {item!r}"
+                ) from None
+    if not ids:
+        raise MetricError(f"{what} holds no token ids")
+    negative = [i for i in ids if i < 0]
+    if negative:
+        raise MetricError(f"{what} holds negative token ids {negative}; ids are 0..d_vocab-1")
+    return max(ids)
+
+
+def _check_vocab(top: int, logits: Logits, what: str) -> None:
+    if top >= logits.shape[-1]:
+        raise MetricError(
+            f"{what} id {top} is outside the model's vocabulary of {logits.shape[-1]} tokens "
+            f"(0..{logits.shape[-1] - 1})"
+        )
+
+
 def _gather(logits: Logits, positions: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits[rows, positions.to(logits.device)]
@@ -103,12 +138,21 @@ class TargetProb:
     Attributes:
         target: Target token id, one for all rows or one per row.
         positions: Position read in each row (one for all rows or one per row; ``-1`` = last).
+
+    Raises:
+        MetricError: A target id that is not an integer or is negative (at construction), or one
+            outside the vocabulary of the logits it is called on.
     """
 
     target: int | Sequence[int] | Tensor
     positions: int | Sequence[int] | Tensor = -1
+    _top: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_top", _token_ids(self.target, "TargetProb.target"))
 
     def __call__(self, logits: Logits) -> Scalar:
+        _check_vocab(self._top, logits, "TargetProb.target")
         rows = logits.shape[0]
         last = _gather(logits, _as_index(self.positions, rows, "positions"))
         probs = torch.softmax(last.float(), dim=-1)
@@ -134,13 +178,25 @@ class LogitDiff:
         answer: Correct token id (one, or one per row).
         wrong: Contrasting token id (one, or one per row).
         positions: Position read in each row (``-1`` = last).
+
+    Raises:
+        MetricError: An id that is not an integer or is negative (at construction), or one
+            outside the vocabulary of the logits it is called on.
     """
 
     answer: int | Sequence[int] | Tensor
     wrong: int | Sequence[int] | Tensor
     positions: int | Sequence[int] | Tensor = -1
+    _top: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        top = max(
+            _token_ids(self.answer, "LogitDiff.answer"), _token_ids(self.wrong, "LogitDiff.wrong")
+        )
+        object.__setattr__(self, "_top", top)
 
     def __call__(self, logits: Logits) -> Scalar:
+        _check_vocab(self._top, logits, "LogitDiff token")
         rows = logits.shape[0]
         last = _gather(logits, _as_index(self.positions, rows, "positions"))
         answer = _as_index(self.answer, rows, "answer").to(logits.device)

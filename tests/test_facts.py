@@ -293,3 +293,16 @@ def test_positions_must_be_integers(tiny, unchecked):
     with pytest.raises(kl.SpanError, match="positions must be a span name or a sequence"):
         prompt.positions(3)  # type: ignore[arg-type]
     assert prompt.positions(torch.tensor([1, -1])) == (1, len(prompt) - 1)
+
+
+def test_token_tensors_are_checked_against_vocabulary_and_context(tiny):
+    from kloc_lens.facts import check_tokens
+
+    d_vocab = tiny.cfg.d_vocab
+    check_tokens(tiny, torch.tensor([[0, d_vocab - 1]]), "corrupted tokens")
+    with pytest.raises(kl.PromptError, match=f"corrupted tokens hold ids \\[-1, {d_vocab}\\], out"):
+        check_tokens(tiny, torch.tensor([[-1, 3, d_vocab]]), "corrupted tokens")
+    with pytest.raises(kl.PromptError, match="clean tokens are 65 tokens long, more than the mod"):
+        check_tokens(tiny, torch.zeros(1, 65, dtype=torch.long), "clean tokens")
+    with pytest.raises(kl.PromptError, match="must be an integer tensor of token ids, got torch.f"):
+        check_tokens(tiny, torch.zeros(1, 3), "corrupted tokens")
