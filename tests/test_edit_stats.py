@@ -176,3 +176,29 @@ def test_a_dataset_of_records_is_read_by_its_text_column(tiny):
         second_moment(tiny, 1, renamed, progress=False)
     with pytest.raises(EditError, match="item 1 is int"):
         second_moment(tiny, 1, ["a text", 3], progress=False)
+
+
+def test_counts_and_layers_must_be_integers_in_range(tiny):
+    with pytest.raises(EditError, match="batch_size must be an integer >= 1, got 0"):
+        second_moment(tiny, 1, CORPUS, batch_size=0, progress=False)
+    with pytest.raises(EditError, match="max_length must be an integer in 1..64, got 65"):
+        second_moment(tiny, 1, CORPUS, max_length=65, progress=False)
+    with pytest.raises(EditError, match="max_length must be an integer in 1..64, got 0"):
+        second_moment(tiny, 1, CORPUS, max_length=0, progress=False)
+    with pytest.raises(EditError, match="layer -1 is outside 0..2"):
+        second_moment(tiny, -1, CORPUS, progress=False)
+    from kloc_lens.planted import planted_facts
+
+    with pytest.raises(EditError, match="n_texts must be an integer >= 1, got -1"):
+        planted_corpus(planted_facts(), n_texts=-1)
+
+
+def test_counts_of_the_wrong_type(tiny, unchecked):
+    with pytest.raises(EditError, match="layer must be an integer in 0..2, got 1.5"):
+        second_moment(tiny, 1.5, CORPUS, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(EditError, match="batch_size must be an integer >= 1, got 2.0"):
+        second_moment(tiny, 1, CORPUS, batch_size=2.0, progress=False)  # type: ignore[arg-type]
+    from kloc_lens.planted import planted_facts
+
+    with pytest.raises(EditError, match="n_texts must be an integer >= 1, got 8.0"):
+        planted_corpus(planted_facts(), n_texts=8.0)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 
 from kloc_lens import planted as planted_module
+from kloc_lens.edit._errors import integer
 from kloc_lens.planted import PlantedFacts
 
 __all__ = ["planted_corpus"]
@@ -42,7 +43,12 @@ def planted_corpus(facts: PlantedFacts, *, n_texts: int = 64, seed: int = 0) -> 
 
     Returns:
         The texts (every subject and object word occurs in them for ``n_texts >= 16``).
+
+    Raises:
+        EditError: ``n_texts`` is not an integer >= 1, or ``seed`` not an integer.
     """
+    integer(n_texts, "n_texts", minimum=1)
+    integer(seed, "seed")
     rng = random.Random(seed)
     subjects = list(facts.subjects)
     objects = [*facts.objects, *facts.spare_objects]

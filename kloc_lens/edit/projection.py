@@ -76,6 +76,8 @@ class Projection(str, Enum):
             EditError: ``layer`` is out of range, or the block has no such weight.
         """
         n_layers = int(model.cfg.n_layers)
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise EditError(f"layer must be an integer in 0..{n_layers - 1}, got {layer!r}")
         if not 0 <= layer < n_layers:
             raise EditError(f"layer {layer} is outside 0..{n_layers - 1}")
         block = model.blocks[layer]

@@ -45,7 +45,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kloc_lens._formats import read_tag, tag
-from kloc_lens.edit._errors import EditError, choice
+from kloc_lens.edit._errors import EditError, choice, integer
 from kloc_lens.edit._tokens import bos_id, encode, pad_rows
 from kloc_lens.edit.projection import Projection
 from kloc_lens.model import device_of, model_identity
@@ -321,12 +321,14 @@ def second_moment(
             with a ``text_column`` string.
     """
     projection = choice(Projection, projection, "projection")
-    if batch_size < 1:
-        raise EditError(f"batch_size must be >= 1, got {batch_size}")
+    integer(batch_size, "batch_size", minimum=1)
     projection.weight(model, layer)  # refuses a bad layer early
     identity = model_identity(model)
     fingerprint = weights_fingerprint(model, layer, projection)
-    length = int(max_length or model.cfg.n_ctx)
+    n_ctx = int(model.cfg.n_ctx)
+    if max_length is not None:
+        integer(max_length, "max_length", minimum=1, maximum=n_ctx)
+    length = int(max_length or n_ctx)
     texts: Iterable[str] = _texts(corpus, text_column)
     if corpus_id is None:
         texts = list(texts)
