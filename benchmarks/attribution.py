@@ -257,6 +257,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="result file")
+    parser.add_argument("--note", action="append", default=[], help="a line for the header")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -277,7 +278,7 @@ def main() -> None:
     end = os.getloadavg()
 
     title = "kloc_lens attribution patching (AtP, AtP*) against exact patching, CPU"
-    out = [title, "=" * len(title), "", *machine()]
+    out = [title, "=" * len(title), "", *machine(), *args.note]
     out.append(
         f"load average at start: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}, at the end: "
         f"{end[0]:.2f} / {end[1]:.2f} / {end[2]:.2f} (1/5/15 min; other jobs share this machine)"
