@@ -134,3 +134,20 @@ def test_update_fields_of_the_wrong_type(unchecked):
         LowRankUpdate(1, Projection.W_OUT, torch.zeros(4), torch.zeros(1, 4))
     with pytest.raises(EditError, match="left is \\(4, 2\\) and right \\(1, 4\\); their ranks"):
         LowRankUpdate(1, Projection.W_OUT, torch.zeros(4, 2), torch.zeros(1, 4))
+
+
+def test_request_fields_of_the_wrong_type(fact, unchecked):
+    with pytest.raises(EditError, match="EditRequest.fact must be a Fact, got str"):
+        EditRequest("Ana Bel", "Quito")  # type: ignore[arg-type]
+    with pytest.raises(EditError, match="new object must be a string, got int 3"):
+        EditRequest(fact, 3)  # type: ignore[arg-type]
+    with pytest.raises(EditError, match="none_target must be a string, got None"):
+        EditRequest(fact, "Quito", none_target=None)  # type: ignore[arg-type]
+
+
+def test_a_plain_prompt_finds_the_relation_as_a_whole_word():
+    fact = Fact("Ana", "age", "12")
+    request = EditRequest(fact, "13", prompt="The language of Ana is")
+    assert "relation" not in request.entity_prompt().char_spans
+    request = EditRequest(fact, "13", prompt="The age of Ana is")
+    assert request.entity_prompt().char_spans["relation"] == (4, 7)

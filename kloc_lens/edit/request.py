@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kloc_lens.edit._errors import EditError, choice
-from kloc_lens.facts import Fact, Perspective, Prompt
+from kloc_lens.facts import Fact, Perspective, Prompt, find_word
 
 __all__ = ["EditRequest", "Objective"]
 
@@ -67,7 +67,8 @@ class EditRequest:
             ``"None"``).
 
     Raises:
-        EditError: No new object, a blank one, or the old object again.
+        EditError: No new object, a blank one, the old object again, an unknown perspective,
+            or a field of the wrong type.
     """
 
     fact: Fact
@@ -78,7 +79,13 @@ class EditRequest:
     none_target: str = "None"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fact, Fact):
+            raise EditError(f"EditRequest.fact must be a Fact, got {type(self.fact).__name__}")
         new = self.new_object if self.new_object is not None else self.fact.new_object
+        if new is not None and not isinstance(new, str):
+            raise EditError(f"new object must be a string, got {type(new).__name__} {new!r}")
+        if not isinstance(self.none_target, str):
+            raise EditError(f"none_target must be a string, got {self.none_target!r}")
         if new is None:
             raise EditError(
                 f"edit request for {self.fact.subject!r} has no new object (give new_object "
@@ -115,7 +122,7 @@ class EditRequest:
             return self.prompt
         prompt = Prompt.from_text(self.prompt, self.fact.object, subject=self.fact.subject)
         spans = dict(prompt.char_spans)
-        start = self.prompt.find(self.fact.relation)
+        start = find_word(self.prompt, self.fact.relation)
         if start >= 0:
             spans["relation"] = (start, start + len(self.fact.relation))
         return Prompt(prompt.text, prompt.target, spans, Perspective.ENTITY)
