@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import sys
 from typing import Any
 
@@ -13,7 +12,6 @@ import torch
 from numpy.testing import assert_allclose
 
 import kloc_lens
-import kloc_lens.plot
 from kloc_lens.errors import ResultError
 from kloc_lens.plot import (
     effect_curves,
@@ -362,12 +360,6 @@ def test_figures_render_to_html(trace_set: TraceSet) -> None:
         assert "</html>" in page
         assert "Plotly.newPlot" in page
         assert '<script src="https://cdn.plot.ly' not in page
-
-
-def test_docstring_examples_run() -> None:
-    outcome = doctest.testmod(kloc_lens.plot, raise_on_error=False)
-    assert outcome.attempted > 0
-    assert outcome.failed == 0
 
 
 def test_token_labels_escape_markup() -> None:
