@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,19 +108,54 @@ def demo(out: Path, *, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
+@contextmanager
+def _process_group() -> Iterator[None]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), one ``torch.distributed`` process group for the
+    command: NCCL with one GPU per rank (``LOCAL_RANK``) where CUDA is available, else gloo."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_device() -> str | None:
+    """This rank's GPU under ``torchrun`` (``LOCAL_RANK``) where CUDA is available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return None
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _model_and_facts(model_name: str | None, facts_file: Path | None) -> tuple[Any, list[Any], Any]:
     """The model, its fact set and its factworld (``None`` for other models)."""
     import kloc_lens as kl
     from kloc_lens.datasets import load_facts, real_world_facts
 
+    device = _rank_device()
     if model_name is None or (Path(model_name) / "world.json").is_file():
         # the shipped factworld, or a factworld directory written by `factworld build`
         from kloc_lens.factworld import load_factworld
 
-        model, world = load_factworld(model_name)
+        model, world = load_factworld(model_name, device=device)
         facts = load_facts(facts_file) if facts_file else list(world.facts)
         return model, facts, world
-    model = kl.load_model(model_name)
+    model = kl.load_model(model_name, device=device)
     facts = load_facts(facts_file) if facts_file else real_world_facts()
     return model, facts, None
 
@@ -149,6 +187,7 @@ def trace(
 ) -> dict[str, Any]:
     """Trace one fact (entity prompt, ``span`` corrupted) and write its figures."""
     import kloc_lens as kl
+    from kloc_lens.trace import default_window
 
     out.mkdir(parents=True, exist_ok=True)
     model, facts, _ = _model_and_facts(model_name, facts_file)
@@ -157,13 +196,13 @@ def trace(
     prompts = [kl.tokenize(model, f.entity_prompt()) for f in facts[:200]]
     prompts = [p for p in prompts if span in p.spans] or [prompt]
     noise = kl.GaussianNoise.from_prompts(model, prompts, span=span, samples=samples)
-    size = window if window is not None else max(1, round(int(model.cfg.n_layers) * 10 / 48))
+    size = window if window is not None else default_window(int(model.cfg.n_layers))
     traces = kl.causal_trace(
         model, prompt, corruption=noise, window=size, sever=("mlp", "attn"), progress=progress
     )
     files = _trace_outputs(traces, out, "trace")
     summary = {
-        "model": model_name or "factworld",
+        "model": model_name or SHIPPED,
         "prompt": prompt.text,
         "target": prompt.prompt.target,
         "trace": _summary(traces),
@@ -211,7 +250,7 @@ def edit(
     evaluation.to_dataframe().to_csv(out / "edit_scores.csv", index=False)
     records = evaluation.summary().to_dict(orient="records")
     summary = {
-        "model": model_name or "factworld",
+        "model": model_name or SHIPPED,
         "fact": fact.entity_prompt().text,
         "old_object": fact.object,
         "new_object": requests[0].target,
@@ -230,35 +269,76 @@ def study(
     out: Path,
     options: dict[str, Any],
     *,
-    progress: bool,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> Any:
     """Run the study and write its report.
 
     ``options`` are :class:`~kloc_lens.study.StudyConfig` fields; those left ``None`` take the
-    defaults, on a factworld its own: the "no relation" answer, bare-prompt keys and the edit
-    layer of :mod:`kloc_lens.factworld.editing`.
+    defaults. On a factworld the "no relation" answer is the world's, the key statistics are
+    read over the world's biographies, and the report says how the model was trained.
     """
-    from kloc_lens.factworld import EDIT_CONTEXTS, EDIT_LAYER, NONE_ANSWER
     from kloc_lens.study import StudyConfig, run_study
 
     model, facts, world = _model_and_facts(model_name, facts_file)
     given = {key: value for key, value in options.items() if value is not None}
-    corpus = None
+    extra: dict[str, Any] = {}
     if world is not None:
+        from kloc_lens.factworld import NONE_ANSWER, describe_factworld
+
+        given.setdefault("none_target", NONE_ANSWER)
         corpus = list(world.corpus())
-        n_layers = int(model.cfg.n_layers)
-        given = {
-            "none_target": NONE_ANSWER,
-            "edit_contexts": EDIT_CONTEXTS.count,  # its own samples are out of its domain
-            "edit_layer": min(EDIT_LAYER, n_layers - 1),
-            **given,
+        extra = {
+            "corpus": corpus,
+            "corpus_name": f"{len(corpus)} biographies of the world (its training text)",
+            "about": describe_factworld(model_name),
         }
     config = StudyConfig(**given)
-    return run_study(model, facts, config, out=out, corpus=corpus, progress=progress)
+    return run_study(
+        model,
+        facts,
+        config,
+        out=out,
+        model_name=model_name or SHIPPED,
+        overwrite=overwrite,
+        progress=progress,
+        **extra,
+    )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``kloc-lens``."""
+SHIPPED = "factworld (shipped)"
+"""How results name the shipped factworld model."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _layers(text: str) -> tuple[int, ...] | None:
+    if text == "all":
+        return None
+    try:
+        layers = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be 'all' or a comma-separated list of layers, got {text!r}"
+        ) from None
+    if any(layer < 0 for layer in layers):
+        raise argparse.ArgumentTypeError(f"layers must be >= 0, got {text!r}")
+    return layers
+
+
+def _parser() -> argparse.ArgumentParser:
     from kloc_lens.study import StudyConfig
 
     parser = argparse.ArgumentParser(prog="kloc-lens", description=(__doc__ or "").split("\n")[0])
@@ -280,121 +360,108 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def fact_args(cmd: argparse.ArgumentParser) -> None:
         cmd.add_argument("--subject", default=None, help="the fact's subject")
-        cmd.add_argument("--index", type=int, default=0, help="the fact's index if no subject")
+        cmd.add_argument("--index", type=_count, default=0, help="the fact's index if no subject")
 
-    study_cmd = commands.add_parser("study", help="both halves of the study, with its report")
-    model_args(study_cmd)
-    study_cmd.add_argument("--out", type=Path, default=Path("out/study"))
     defaults = StudyConfig()
-    study_cmd.add_argument("--n-trace", type=int, default=defaults.n_trace)
-    study_cmd.add_argument("--n-edit", type=int, default=defaults.n_edit)
-    study_cmd.add_argument("--window", type=int, default=None)
-    study_cmd.add_argument("--samples", type=int, default=defaults.samples)
-    study_cmd.add_argument("--seed", type=int, default=defaults.seed)
-    study_cmd.add_argument(
+    cmd = commands.add_parser("study", help="both halves of the study, with its report")
+    model_args(cmd)
+    cmd.add_argument(
+        "--out", type=Path, default=Path("out/study"), help="output directory (%(default)s)"
+    )
+    cmd.add_argument(
+        "--n-trace",
+        type=_positive,
+        default=defaults.n_trace,
+        help="known facts traced per perspective (%(default)s)",
+    )
+    cmd.add_argument(
+        "--n-edit",
+        type=_count,
+        default=defaults.n_edit,
+        help="known facts edited per perspective at the chosen layer; 0 skips editing "
+        "(%(default)s)",
+    )
+    cmd.add_argument(
+        "--n-layer-sweep",
+        type=_count,
+        default=defaults.n_layer_sweep,
+        help="of those, facts also edited at every layer of --edit-layers (%(default)s)",
+    )
+    cmd.add_argument(
+        "--edit-layers",
+        type=_layers,
+        default=None,
+        help="layers of the edit sweep: 'all' or a list such as 0,1,2 (default: all)",
+    )
+    cmd.add_argument(
+        "--window",
+        type=_positive,
+        default=None,
+        help="MLP/attention window of the traces (default: 10 of 48 layers, at least 2)",
+    )
+    cmd.add_argument(
+        "--samples",
+        type=_positive,
+        default=defaults.samples,
+        help="noise samples per trace (%(default)s)",
+    )
+    cmd.add_argument(
+        "--seed", type=_count, default=defaults.seed, help="sampling and noise seed (%(default)s)"
+    )
+    cmd.add_argument(
         "--edit-layer",
-        type=int,
+        type=_count,
         default=None,
-        help="default: the entity trace's MLP peak (factworld: its editing layer)",
+        help="the edited layer (default: the entity trace's MLP peak at the last subject token)",
     )
-    study_cmd.add_argument(
-        "--edit-token",
+    cmd.add_argument(
+        "--edit-steps",
+        type=_count,
         default=None,
-        choices=["subject_last", "last", "relation_last"],
-        help="where edits read keys (default: where the entity trace's MLP effect peaks)",
+        help="cap on the value fit's steps (default: the editor's, ROME's 20)",
     )
-    study_cmd.add_argument("--edit-steps", type=int, default=defaults.edit_steps)
-    study_cmd.add_argument(
+    cmd.add_argument(
         "--edit-contexts",
-        type=int,
+        type=_count,
         default=None,
-        help=f"generated contexts per length for keys (default {defaults.edit_contexts}; "
-        "factworld: 0)",
+        help="generated contexts per length for keys; 0 = bare prompt (default: ROME's 10)",
     )
+    cmd.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output directory that holds a study with other settings",
+    )
+    cmd.set_defaults(handler=_cmd_study)
 
-    trace_cmd = commands.add_parser("trace", help="causal trace of one fact, with its figures")
-    model_args(trace_cmd)
-    fact_args(trace_cmd)
-    trace_cmd.add_argument("--span", default="subject", choices=["subject", "relation"])
-    trace_cmd.add_argument("--window", type=int, default=None)
-    trace_cmd.add_argument("--samples", type=int, default=10)
-    trace_cmd.add_argument("--out", type=Path, default=Path("out/trace"))
+    cmd = commands.add_parser("trace", help="causal trace of one fact, with its figures")
+    model_args(cmd)
+    fact_args(cmd)
+    cmd.add_argument("--span", default="subject", choices=["subject", "relation"])
+    cmd.add_argument("--window", type=_positive, default=None, help="MLP/attention window")
+    cmd.add_argument("--samples", type=_positive, default=10, help="noise samples (10)")
+    cmd.add_argument("--out", type=Path, default=Path("out/trace"), help="output directory")
+    cmd.set_defaults(handler=_cmd_trace)
 
-    edit_cmd = commands.add_parser("edit", help="edit one fact from both perspectives")
-    model_args(edit_cmd)
-    fact_args(edit_cmd)
-    edit_cmd.add_argument("--layer", type=int, default=None)
-    edit_cmd.add_argument("--new-object", default=None)
-    edit_cmd.add_argument("--out", type=Path, default=Path("out/edit"))
+    cmd = commands.add_parser("edit", help="edit one fact from both perspectives")
+    model_args(cmd)
+    fact_args(cmd)
+    cmd.add_argument("--layer", type=_count, default=None, help="the edited layer")
+    cmd.add_argument("--new-object", default=None, help="the new object (default: the fact's)")
+    cmd.add_argument("--out", type=Path, default=Path("out/edit"), help="output directory")
+    cmd.set_defaults(handler=_cmd_edit)
 
-    fw_cmd = commands.add_parser("factworld", help="the embedded factworld model")
-    fw_cmd.add_argument("action", choices=["build"])
-    fw_cmd.add_argument("rest", nargs=argparse.REMAINDER, help="options of the build")
+    cmd = commands.add_parser("factworld", help="the embedded factworld model")
+    cmd.add_argument("action", choices=["build"])
+    cmd.add_argument("rest", nargs=argparse.REMAINDER, help="options of the build")
+    cmd.set_defaults(handler=_cmd_factworld)
 
-    demo_cmd = commands.add_parser("demo", help="trace the planted model's fact")
-    demo_cmd.add_argument("--out", type=Path, default=Path("out/demo"))
-    args = parser.parse_args(argv)
-    progress = not args.no_progress
+    cmd = commands.add_parser("demo", help="trace the planted model's fact")
+    cmd.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory")
+    cmd.set_defaults(handler=_cmd_demo)
+    return parser
 
-    from kloc_lens.errors import KlocLensError
 
-    try:
-        if args.command == "factworld":
-            from kloc_lens.factworld import build_main
-
-            return build_main(args.rest)
-        if args.command == "study":
-            options = {
-                "n_trace": args.n_trace,
-                "n_edit": args.n_edit,
-                "window": args.window,
-                "samples": args.samples,
-                "seed": args.seed,
-                "edit_layer": args.edit_layer,
-                "edit_token": args.edit_token,
-                "edit_steps": args.edit_steps,
-                "edit_contexts": args.edit_contexts,
-            }
-            result = study(args.model, args.facts, args.out, options, progress=progress)
-            for line in _study_lines(result):
-                print(line)
-            print(f"wrote report.html, results.json and tensors/ to {args.out}")
-            return 0
-        if args.command == "edit":
-            summary = edit(
-                args.model,
-                args.facts,
-                args.subject,
-                args.index,
-                args.out,
-                layer=args.layer,
-                new_object=args.new_object,
-                progress=progress,
-            )
-            for row in summary["scores"]:
-                print(
-                    f"  {row['edited']:8s} edit  {row['metric']:20s} "
-                    f"{row['pre']:.2f} -> {row['post']:.2f}"
-                )
-            print(f"wrote {', '.join(summary['files'])} and summary.json to {args.out}")
-            return 0
-        if args.command == "demo":
-            summary = demo(args.out, progress=progress)
-        else:
-            summary = trace(
-                args.model,
-                args.facts,
-                args.subject,
-                args.index,
-                args.out,
-                window=args.window,
-                samples=args.samples,
-                span=args.span,
-                progress=progress,
-            )
-    except KlocLensError as err:
-        print(f"kloc-lens: error: {err}")
-        return 2
+def _print_trace(summary: dict[str, Any]) -> None:
     trace_summary = summary["trace"]
     print(
         f"clean p = {trace_summary['clean_score']:.3f}, "
@@ -405,14 +472,106 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  {label:22s} peak at layer {peak['layer']}, token {peak['position']} "
             f"({peak['token'].strip()!r}): indirect effect {peak['indirect_effect']:.3f}"
         )
+    print(f"wrote {', '.join(summary['files'])} and summary.json to {summary['out']}")
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from kloc_lens.study import summary_text
+
+    options = {
+        "n_trace": args.n_trace,
+        "n_edit": args.n_edit,
+        "n_layer_sweep": args.n_layer_sweep,
+        "edit_layers": args.edit_layers,
+        "window": args.window,
+        "samples": args.samples,
+        "seed": args.seed,
+        "edit_layer": args.edit_layer,
+        "edit_steps": args.edit_steps,
+        "edit_contexts": args.edit_contexts,
+    }
+    with _process_group():
+        result = study(
+            args.model,
+            args.facts,
+            args.out,
+            options,
+            overwrite=args.overwrite,
+            progress=not args.no_progress and _is_rank_zero(),
+        )
+    if _is_rank_zero():
+        for line in summary_text(result.summary()):
+            print(line)
+        print(f"wrote report.html, results.json and tensors/ to {args.out}")
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    summary = trace(
+        args.model,
+        args.facts,
+        args.subject,
+        args.index,
+        args.out,
+        window=args.window,
+        samples=args.samples,
+        span=args.span,
+        progress=not args.no_progress,
+    )
+    _print_trace({**summary, "out": args.out})
+    return 0
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    summary = edit(
+        args.model,
+        args.facts,
+        args.subject,
+        args.index,
+        args.out,
+        layer=args.layer,
+        new_object=args.new_object,
+        progress=not args.no_progress,
+    )
+    for row in summary["scores"]:
+        print(
+            f"  {row['edited']:8s} edit  {row['metric']:20s} {row['pre']:.2f} -> {row['post']:.2f}"
+        )
     print(f"wrote {', '.join(summary['files'])} and summary.json to {args.out}")
     return 0
 
 
-def _study_lines(result: Any) -> list[str]:
-    from kloc_lens.report import summary_text
+def _cmd_factworld(args: argparse.Namespace) -> int:
+    from kloc_lens.factworld import build_main
 
-    return summary_text(result.summary())
+    return build_main(args.rest)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    summary = demo(args.out, progress=not args.no_progress)
+    _print_trace({**summary, "out": args.out})
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kloc-lens``: parse the command line and run the subcommand.
+
+    Returns:
+        The exit status: 0, 2 for bad input (a one-line message), 130 when interrupted.
+    """
+    from kloc_lens.errors import KlocLensError
+
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KlocLensError as err:
+        print(f"kloc-lens: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "kloc-lens: interrupted; finished units are kept, run again to resume", file=sys.stderr
+        )
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

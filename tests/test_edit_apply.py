@@ -159,6 +159,8 @@ def test_hooks_are_removed_also_after_an_exception(tiny):
     edit = _random_edit(tiny)
     names = {name for name, _ in edit_hooks(tiny, edit)}
     assert names == {
+        "hook_embed",  # with ln_final.hook_normalized: checks that the edit's hooks ran
+        "ln_final.hook_normalized",
         "blocks.0.mlp.hook_post",
         "blocks.0.hook_mlp_out",
         "blocks.2.mlp.hook_post",

@@ -45,9 +45,10 @@ def test_shipped_files_are_small_and_complete() -> None:
     assert size < 8 * 2**20
     record = json.loads((path / "training_log.json").read_text())
     accuracy = record["accuracy"]
-    assert accuracy["entity"] >= 0.95 and accuracy["relation"] >= 0.95
-    assert accuracy["entity_train"] >= 0.95 and accuracy["relation_train"] >= 0.95
+    assert accuracy["entity"] >= 0.95 and accuracy["relation"] >= 0.9
+    assert accuracy["entity_train"] >= 0.95 and accuracy["relation_train"] >= 0.9
     assert accuracy["entity_heldout"] >= 0.8 and accuracy["relation_heldout"] >= 0.8
+    assert record["train_config"]["documents"]["mask_fraction"] > 0  # the report says so
     assert record["log"][0]["step"] < record["log"][-1]["step"] == record["train_config"]["steps"]
 
 
@@ -83,12 +84,16 @@ def test_shipped_model_knows_its_facts(shipped) -> None:
     model, world = shipped
     accuracy = evaluate(model, model.tokenizer, world, n=N_SAMPLE, seed=7)
     assert accuracy.counts["entity"] == N_SAMPLE
+    # issue 11's bars: entity >= 95% canonical and >= 80% held out; relation >= 90% canonical
     assert accuracy.entity >= 0.95
-    assert accuracy.relation >= 0.95
+    assert accuracy.relation >= 0.9
     assert accuracy.entity_train >= 0.95
-    assert accuracy.relation_train >= 0.95
+    assert accuracy.relation_train >= 0.9
     assert accuracy.entity_heldout >= 0.8
     assert accuracy.relation_heldout >= 0.8
+    # None answers for unrelated pairs: 54% on every pair of the shipped model, short of the
+    # issue's 90% (docs/factworld.md); chance among the 8 relations and None is 1/9
+    assert accuracy.none >= 0.45
 
 
 def test_answers_are_predicted_as_their_first_token(shipped) -> None:

@@ -23,7 +23,7 @@ from kloc_lens.factworld import (
 )
 
 MINI_WORLD = WorldConfig(n_subjects=8, n_relations=2, objects_per_pool=4, n_first_names=4)
-MINI_MODEL = ModelConfig(n_layer=2, d_model=64, n_head=2, d_mlp=128, n_ctx=32)
+MINI_MODEL = ModelConfig(n_layer=2, d_model=64, n_head=2, d_mlp=128, n_ctx=96)
 MINI_TRAIN = TrainConfig(
     steps=250, batch_size=32, lr=5e-3, warmup_steps=20, eval_every=125, eval_size=16, threads=1
 )

@@ -162,11 +162,16 @@ def test_none_pairs_are_unrelated(world: FactWorld) -> None:
 
 def test_corpus(world: FactWorld) -> None:
     corpus = world.corpus()
-    assert len(corpus) >= 2 * len(world.facts)
+    assert len(corpus) == len(world.subjects)  # one biography per person
     assert corpus == world.corpus()
     assert world.corpus(n=10, seed=1) != corpus[:10]
-    fact = world.facts[0]
-    assert any(s.startswith(fact.subject) or f" {fact.subject}" in s for s in corpus)
+    assert len(world.corpus(n=300)) == 300  # a second round past one per person
+    # every person has a biography, and every fact is told in it from one perspective
+    for person in world.subjects[:20]:
+        text = next(t for t in corpus if t.count(person.name) >= len(world.relations))
+        for fact in (f for f in world.facts if f.subject == person.name):
+            told = f"{fact.object}" in text or f" {fact.relation}." in text
+            assert told, (person.name, fact.relation)
 
 
 def test_json_round_trip(world: FactWorld, tmp_path) -> None:

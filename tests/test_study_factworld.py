@@ -1,20 +1,33 @@
-"""The study end to end on a tiny factworld, through the command line: report, figures, numbers."""
+"""The study end to end on a tiny factworld, through the command line: report, figures, numbers,
+resume, and two processes under torchrun giving the single process's numbers."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from kloc_lens.cli import main
-from kloc_lens.factworld import ModelConfig, TrainConfig, WorldConfig, build
+from kloc_lens.factworld import DocumentConfig, ModelConfig, TrainConfig, WorldConfig, build
 
 WORLD = WorldConfig(n_subjects=8, n_relations=2, objects_per_pool=4, n_first_names=4)
-MODEL = ModelConfig(n_layer=2, d_model=64, n_head=2, d_mlp=128, n_ctx=32)
+MODEL = ModelConfig(n_layer=2, d_model=64, n_head=2, d_mlp=128, n_ctx=96)
 TRAIN = TrainConfig(
-    steps=250, batch_size=32, lr=5e-3, warmup_steps=20, eval_every=125, eval_size=16, threads=1
+    steps=250,
+    batch_size=16,
+    lr=5e-3,
+    warmup_steps=20,
+    eval_every=125,
+    eval_size=16,
+    threads=1,
+    documents=DocumentConfig(none_sentences=1),
 )
+SMALL = ["--n-trace", "4", "--n-edit", "2", "--n-layer-sweep", "1", "--samples", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -32,27 +45,23 @@ def tiny_world(tmp_path_factory):
     return directory
 
 
-def test_study_command_on_a_tiny_factworld(tiny_world, tmp_path, capsys):
-    out = tmp_path / "study"
-    code = main(
-        [
-            "--no-progress",
-            "study",
-            "--model",
-            str(tiny_world),
-            "--out",
-            str(out),
-            "--n-trace",
-            "4",
-            "--n-edit",
-            "2",
-            "--samples",
-            "3",
-        ]
-    )
-    assert code == 0, capsys.readouterr().out
-    page = (out / "report.html").read_text()
-    results = json.loads((out / "results.json").read_text())
+def _numbers(path: Path) -> dict:
+    """results.json without the record of how the run went (timings, units found, ranks)."""
+    results = json.loads((path / "results.json").read_text())
+    return {k: v for k, v in results.items() if k != "run"}
+
+
+@pytest.fixture(scope="module")
+def study_out(tiny_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "s"
+    code = main(["--no-progress", "study", "--model", str(tiny_world), "--out", str(out), *SMALL])
+    assert code == 0
+    return out
+
+
+def test_study_command_on_a_tiny_factworld(study_out):
+    page = (study_out / "report.html").read_text()
+    results = json.loads((study_out / "results.json").read_text())
     embedded = json.loads(
         re.search(
             r'<script type="application/json" id="kloc-results">(.*?)</script>', page, re.S
@@ -62,6 +71,7 @@ def test_study_command_on_a_tiny_factworld(tiny_world, tmp_path, capsys):
     figures = re.findall(r'class="kloc-figure" data-target="fig-([\w-]+)"', page)
     assert figures == [
         "headline",
+        "signature",
         "entity-grid",
         "entity-curves",
         "relation-grid",
@@ -69,19 +79,68 @@ def test_study_command_on_a_tiny_factworld(tiny_world, tmp_path, capsys):
         "example-trace",
         "transfer",
         "edit-metrics",
+        "layer-sweep",
     ]
-    assert results["known_facts"]["checked"] == 16
+    assert results["knowledge"]["checked"] == 16  # 8 subjects x 2 relations
+    for name in ("entity", "entity_paraphrase", "relation", "relation_paraphrase", "none"):
+        assert results["knowledge"]["accuracy"][name]["n"] > 0
     assert results["localization"]["relation"]["span"] == "relation"
-    assert results["editing"]["counts"] == [2, 2]
-    side = results["localization"]["entity"]
-    # The editing half edits at the token where the entity trace's MLP effect peaks, with
-    # factworld's own layer (capped by this 2-layer model) and bare-prompt keys.
-    last_wins = side["mlp_peak_aie_last_token"] > side["mlp_peak_aie"]
-    assert results["editing"]["key_token"] == ("last" if last_wins else "subject_last")
-    assert results["editing"]["layer"] == results["config"]["edit_layer"] == 1
-    assert results["config"]["edit_contexts"] == 0
-    assert f"(AIE {side['mlp_peak_aie']:.3f})" in page
-    assert "The model answers" in capsys.readouterr().out
+    editing = results["editing"]
+    assert editing["n_facts"] == {"entity": 2, "relation": 2}
+    assert editing["key_token"] == "subject_last"
+    # the layer comes from the entity trace's MLP peak at the last subject token
+    peak = results["localization"]["entity"]["layers"]["mlp_last_span"]
+    assert editing["layer"] == peak and editing["layer_choice"]["source"] == "trace"
+    assert sorted(editing["layer_sweep"]["layers"]) == ["0", "1"]
+    # the report says how the test bed was trained, mask included
+    assert "could not attend" in results["about"] and results["about"] in page
+
+
+def test_rerun_finds_every_unit_and_reports_the_same_numbers(tiny_world, study_out):
+    first = json.loads((study_out / "results.json").read_text())
+    code = main(
+        ["--no-progress", "study", "--model", str(tiny_world), "--out", str(study_out), *SMALL]
+    )
+    assert code == 0
+    again = json.loads((study_out / "results.json").read_text())
+    assert again["run"]["units_computed"] == 0 and again["run"]["units_found"] > 0
+    assert {k: v for k, v in again.items() if k != "run"} == {
+        k: v for k, v in first.items() if k != "run"
+    }
+
+
+def test_other_settings_in_the_same_directory_are_refused(tiny_world, study_out, capsys):
+    args = ["--no-progress", "study", "--model", str(tiny_world), "--out", str(study_out)]
+    code = main([*args, *SMALL[:-1], "2"])  # --samples 2 instead of 3
+    assert code == 2
+    assert "samples=3 -> 2" in capsys.readouterr().err
+
+
+def test_two_processes_under_torchrun_equal_one(tiny_world, study_out, tmp_path):
+    out = tmp_path / "ranks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "kloc_lens",
+        "--no-progress",
+        "study",
+        "--model",
+        str(tiny_world),
+        "--out",
+        str(out),
+        *SMALL,
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["run"]["ranks"] == 2
+    assert _numbers(out) == _numbers(study_out)
+    assert done.stdout.count("wrote report.html") == 1  # rank 0 alone reports
 
 
 def test_edit_and_trace_commands_on_a_tiny_factworld(tiny_world, tmp_path):
@@ -127,13 +186,14 @@ def test_edit_and_trace_commands_on_a_tiny_factworld(tiny_world, tmp_path):
     assert (tmp_path / "t" / "trace_trace.html").exists()
 
 
-def test_study_options_override_the_factworld_settings(tiny_world, tmp_path):
+def test_study_options_reach_the_editor(tiny_world, tmp_path):
     out = tmp_path / "study"
     args = ["--no-progress", "study", "--model", str(tiny_world), "--out", str(out)]
-    args += ["--n-trace", "2", "--n-edit", "1", "--samples", "2"]
-    args += ["--edit-layer", "0", "--edit-token", "subject_last", "--edit-contexts", "1"]
+    args += ["--n-trace", "2", "--n-edit", "1", "--n-layer-sweep", "0", "--samples", "2"]
+    args += ["--edit-layer", "0", "--edit-contexts", "1", "--edit-steps", "5"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["edit_layer"] == results["editing"]["layer"] == 0
-    assert results["config"]["edit_token"] == results["editing"]["key_token"] == "subject_last"
-    assert results["config"]["edit_contexts"] == 1
+    assert results["editing"]["layer_choice"]["source"] == "setting"
+    assert results["config"]["edit_contexts"] == 1 and results["config"]["edit_steps"] == 5
+    assert results["editing"]["layer_sweep"]["layers"] == {}

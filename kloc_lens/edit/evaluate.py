@@ -13,13 +13,17 @@ metric               perspective  prompts                                       
 efficacy             entity       the edited entity prompt                        new > old
 paraphrase           entity       the fact's entity paraphrases                   new > old
 neighborhood         entity       entity prompts of the request's ``neighbors``   theirs > new
+same_subject         entity       entity prompts of the request's ``related``     own object top-1
 relation_add         relation     relation prompt with the new object (add)       relation > None
 relation_paraphrase  relation     relation paraphrases with the new object        relation > None
 relation_remove      relation     relation prompt with the old object (remove)    None > relation
 ===================  ===========  ==============================================  ================
 
 (``neighborhood`` uses each neighbour's own object, which is the old object in CounterFact's
-neighbourhood prompts.) The *transfer matrix* crosses the perspective an edit was made from with
+neighbourhood prompts. ``same_subject`` is RETS's relation specificity: the subject's other facts
+must still answer their own object, as the argmax at the prompt's last position (first token);
+its ``post_margin`` is the mean change of the probability of the token the unedited model put
+first, ``pre_margin`` 0.) The *transfer matrix* crosses the perspective an edit was made from with
 the perspective evaluated, using one headline metric per evaluated perspective (efficacy for the
 entity side, relation_add for the relation side): the study's question is whether an entity
 edit moves the relation-side answer, and the other way round.
@@ -56,7 +60,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kloc_lens.edit._errors import EditError
+from kloc_lens.edit._errors import EditError, choice
 from kloc_lens.edit._tokens import encode, pad_rows, target_ids
 from kloc_lens.edit.apply import Edit, edit_hooks
 from kloc_lens.edit.request import EditRequest
@@ -84,6 +88,9 @@ class EditMetric(str, Enum):
     """Entity side: the new object beats the old on the fact's entity paraphrases."""
     NEIGHBORHOOD = "neighborhood"
     """Entity side: other subjects keep their object against the new one (specificity)."""
+    SAME_SUBJECT = "same_subject"
+    """Entity side: the subject's other facts still answer their own object, top-1 (relation
+    specificity)."""
     RELATION_ADD = "relation_add"
     """Relation side: the relation beats "None" on the relation prompt with the new object."""
     RELATION_PARAPHRASE = "relation_paraphrase"
@@ -94,7 +101,12 @@ class EditMetric(str, Enum):
     @property
     def perspective(self) -> Perspective:
         """The perspective the metric is evaluated on."""
-        if self in (EditMetric.EFFICACY, EditMetric.PARAPHRASE, EditMetric.NEIGHBORHOOD):
+        if self in (
+            EditMetric.EFFICACY,
+            EditMetric.PARAPHRASE,
+            EditMetric.NEIGHBORHOOD,
+            EditMetric.SAME_SUBJECT,
+        ):
             return Perspective.ENTITY
         return Perspective.RELATION
 
@@ -156,6 +168,65 @@ class FactEvaluation:
     new_object: str
     edited: Perspective
     scores: tuple[MetricScore, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (undefined numbers as ``None``)."""
+
+        def clean(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
+        return {
+            "subject": self.subject,
+            "relation": self.relation,
+            "old_object": self.old_object,
+            "new_object": self.new_object,
+            "edited": self.edited.value,
+            "scores": [
+                {
+                    "metric": s.metric.value,
+                    "n_prompts": s.n_prompts,
+                    "pre": clean(s.pre),
+                    "post": clean(s.post),
+                    "pre_margin": clean(s.pre_margin),
+                    "post_margin": clean(s.post_margin),
+                }
+                for s in self.scores
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FactEvaluation:
+        """Read :meth:`as_dict` back.
+
+        Raises:
+            EditError: A missing field or an unknown metric or perspective.
+        """
+
+        def number(x: Any) -> float:
+            return math.nan if x is None else float(x)
+
+        try:
+            scores = tuple(
+                MetricScore(
+                    choice(EditMetric, s["metric"], "metric"),
+                    int(s["n_prompts"]),
+                    number(s["pre"]),
+                    number(s["post"]),
+                    number(s["pre_margin"]),
+                    number(s["post_margin"]),
+                )
+                for s in data["scores"]
+            )
+            return cls(
+                subject=str(data["subject"]),
+                relation=str(data["relation"]),
+                old_object=str(data["old_object"]),
+                new_object=str(data["new_object"]),
+                edited=choice(Perspective, data["edited"], "edited"),
+                scores=scores,
+            )
+        except KeyError as err:
+            raise EditError(f"fact evaluation lacks field {err.args[0]!r}") from None
 
     def score(self, metric: EditMetric | str) -> MetricScore:
         """The score of ``metric``."""
@@ -346,6 +417,42 @@ def _log_probabilities(
     return (total / count).tolist()
 
 
+def _top_tokens(
+    model: Any, prompts: Sequence[Prompt], hooks: Sequence[tuple[str, Any]]
+) -> tuple[list[int], Tensor]:
+    """The argmax token at each prompt's last position, and all last-position probabilities."""
+    rows = [encode(model, prompt.text) for prompt in prompts]
+    batch = pad_rows(model, rows)
+    with torch.no_grad():
+        logits = model.run_with_hooks(batch.tokens, fwd_hooks=list(hooks))
+    last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
+    probs = logits[torch.arange(len(rows), device=logits.device), last].float().softmax(-1)
+    return probs.argmax(-1).tolist(), probs
+
+
+def _same_subject(
+    model: Any, request: EditRequest, hooks: Sequence[tuple[str, Any]]
+) -> MetricScore:
+    """Relation specificity: how many of the subject's other facts answer their own object."""
+    if not request.related:
+        return MetricScore(EditMetric.SAME_SUBJECT, 0, math.nan, math.nan, math.nan, math.nan)
+    prompts = [fact.entity_prompt() for fact in request.related]
+    before, p_before = _top_tokens(model, prompts, ())
+    after, p_after = _top_tokens(model, prompts, hooks)
+    own = [target_ids(model, p, p.target, "related fact's object")[0] for p in prompts]
+    n = len(prompts)
+    rows = torch.arange(n, device=p_before.device)
+    token = torch.tensor(before, device=p_before.device)
+    return MetricScore(
+        EditMetric.SAME_SUBJECT,
+        n,
+        pre=sum(1.0 for b, o in zip(before, own, strict=True) if b == o) / n,
+        post=sum(1.0 for a, o in zip(after, own, strict=True) if a == o) / n,
+        pre_margin=0.0,
+        post_margin=float((p_after[rows, token] - p_before[rows, token]).mean()),
+    )
+
+
 def _evaluate_one(
     model: Any, request: EditRequest, hooks: Sequence[tuple[str, Any]]
 ) -> FactEvaluation:
@@ -369,6 +476,9 @@ def _evaluate_one(
         )
     scores = []
     for metric, results in by_metric.items():
+        if metric is EditMetric.SAME_SUBJECT:
+            scores.append(_same_subject(model, request, hooks))
+            continue
         if not results:
             scores.append(MetricScore(metric, 0, math.nan, math.nan, math.nan, math.nan))
             continue

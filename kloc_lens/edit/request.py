@@ -63,6 +63,9 @@ class EditRequest:
         neighbors: Facts about other subjects with the same old object (evaluation only:
             neighbourhood specificity); none given, the fact's ``neighborhood_prompts`` (as
             CounterFact ships them) are scored instead.
+        related: Other facts about the same subject (evaluation only: relation specificity,
+            RETS's "R-Specificity": an entity edit should not change what the model says about
+            the subject's other relations).
         none_target: The relation-perspective answer meaning "no relation" (the study's
             ``"None"``).
 
@@ -77,6 +80,7 @@ class EditRequest:
     prompt: Prompt | str | None = None
     neighbors: tuple[Fact, ...] = ()
     none_target: str = "None"
+    related: tuple[Fact, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.fact, Fact):

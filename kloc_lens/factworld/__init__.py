@@ -3,16 +3,24 @@
 No pretrained weights can be downloaded where kloc_lens is built and tested, and users without a
 GPU still need a real model to run the study on. factworld is that model: a seeded world of
 invented people with multi-token names and eight relations, a word/syllable tokenizer, and a
-4-layer GPT-2 trained by kloc_lens's own code on both perspectives of every fact, shipped inside
+6-layer GPT-2 trained by kloc_lens's own code on *biographies* of those people (every fact told
+from the entity or the relation perspective, names repeated, sentences permuted), shipped inside
 the package and loaded through :func:`kloc_lens.load_model` like any local checkpoint. Because
 the world is generated, every fact the model knows is known exactly.
 
+Version 2 builds ROME's signature into the test bed on purpose: during training only, in most
+documents the positions after a name may not attend to the name's tokens other than its last
+(:mod:`~kloc_lens.factworld.documents`), so the model composes the subject at its last token,
+as large pretrained models do on their own. What carries the fact there (MLP or attention) and
+where edits work are not built in; the study measures them.
+
 - :mod:`~kloc_lens.factworld.world`: the world (subjects, relations, templates, held-out
-  paraphrases, :class:`~kloc_lens.facts.Fact` objects, neighbors, a text corpus);
+  paraphrases, :class:`~kloc_lens.facts.Fact` objects, neighbors);
+- :mod:`~kloc_lens.factworld.documents`: biographies, the training text and the corpus;
 - :mod:`~kloc_lens.factworld.tokenizer`: its tokenizer;
-- :mod:`~kloc_lens.factworld.train`: the model, the curriculum and first-token accuracy;
+- :mod:`~kloc_lens.factworld.train`: the model, the training mask, first-token accuracy;
 - :mod:`~kloc_lens.factworld.build`: build from scratch, save, load the shipped model;
-- :mod:`~kloc_lens.factworld.editing`: the ROME settings that edit the shipped model.
+- :mod:`~kloc_lens.factworld.editing`: ROME on it (the generic editor, the world's corpus).
 
 Example::
 
@@ -29,16 +37,12 @@ from kloc_lens.factworld.build import (
     SHIPPED_SEED,
     build,
     build_main,
+    describe_factworld,
     factworld_path,
     load_factworld,
 )
-from kloc_lens.factworld.editing import (
-    EDIT_CONTEXTS,
-    EDIT_KEY_TOKEN,
-    EDIT_LAYER,
-    EDIT_VALUE,
-    rome_editor,
-)
+from kloc_lens.factworld.documents import DocumentConfig, biographies
+from kloc_lens.factworld.editing import EDIT_LAYER, rome_editor
 from kloc_lens.factworld.tokenizer import build_tokenizer, check_tokenizer
 from kloc_lens.factworld.train import (
     Accuracy,
@@ -64,13 +68,11 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_TRAIN",
     "DEFAULT_WORLD",
-    "EDIT_CONTEXTS",
-    "EDIT_KEY_TOKEN",
     "EDIT_LAYER",
-    "EDIT_VALUE",
     "NONE_ANSWER",
     "SHIPPED_SEED",
     "Accuracy",
+    "DocumentConfig",
     "FactWorld",
     "FactworldError",
     "ModelConfig",
@@ -79,10 +81,12 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "WorldConfig",
+    "biographies",
     "build",
     "build_main",
     "build_tokenizer",
     "check_tokenizer",
+    "describe_factworld",
     "evaluate",
     "factworld_path",
     "first_token_accuracy",

@@ -58,6 +58,7 @@ __all__ = [
     "SHIPPED_SEED",
     "build",
     "build_main",
+    "describe_factworld",
     "factworld_path",
     "load_factworld",
 ]
@@ -70,9 +71,10 @@ DEFAULT_WORLD = WorldConfig()
 """The shipped world's size."""
 DEFAULT_MODEL = ModelConfig()
 """The shipped model's shape."""
-DEFAULT_TRAIN = TrainConfig(bf16=True, threads=1)
-"""The shipped model's curriculum: mixed precision (the CPU it was built on has AMX) on one
-thread, so that ``build(out_dir)`` reproduces the shipped weights bit for bit on such a CPU."""
+DEFAULT_TRAIN = TrainConfig(bf16=True, threads=2)
+"""The shipped model's curriculum: mixed precision (the CPU it was built on has AMX) on two
+threads; ``build(out_dir)`` with the same seed and thread count reproduces the weights bit for
+bit on such a CPU."""
 
 WORLD_FILE = "world.json"
 LOG_FILE = "training_log.json"
@@ -235,6 +237,38 @@ def load_factworld(
     return model, world
 
 
+def describe_factworld(path: str | Path | None = None) -> str:
+    """One sentence on how a factworld model was trained (from its ``training_log.json``), for
+    reports: a reader must know the signature the study finds is built into this test bed.
+
+    Raises:
+        FactworldError: The directory has no training log.
+    """
+    directory = Path(path) if path is not None else factworld_path()
+    log = directory / LOG_FILE
+    if not log.is_file():
+        raise FactworldError(f"{str(directory)!r} has no {LOG_FILE}")
+    record = json.loads(log.read_text())
+    model, train = record["model_config"], record["train_config"]
+    documents = train.get("documents") or {}
+    mask = float(documents.get("mask_fraction", 0.0))
+    sentence = (
+        f"The model is factworld: a {model['n_layer']}-layer GPT-2 (d_model {model['d_model']}, "
+        f"{record['n_parameters']:,} parameters) trained from scratch for {train['steps']:,} "
+        f"steps on biographies of {record['n_facts']:,} invented facts (every fact of a person "
+        "in one document, told from the entity or the relation perspective, with unrelated "
+        "pairs answering None)"
+    )
+    if mask > 0:
+        sentence += (
+            f"; in {100 * mask:.0f}% of the documents, positions after a name could not attend "
+            "to the name's tokens other than its last during training (ordinary attention at "
+            "inference), so composing the subject at its last token is built into this test bed, "
+            "while what carries the fact there is not"
+        )
+    return sentence + "."
+
+
 def build_main(argv: Sequence[str] | None = None) -> int:
     """Command line of :func:`build` (``kloc-lens factworld build``).
 
@@ -256,7 +290,9 @@ def build_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--subjects", type=int, default=None, help=f"default {DEFAULT_WORLD.n_subjects}"
     )
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default 1)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help=f"CPU threads (default {DEFAULT_TRAIN.threads})"
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip the TransformerLens check")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     args = parser.parse_args(argv)

@@ -1,22 +1,11 @@
-"""Editing factworld: the ROME settings that work on the shipped model, and why they differ.
+"""Editing factworld: ROME with its ordinary defaults, key statistics over the world's text.
 
-ROME's published settings were tuned on GPT-2 XL. Three of them do not fit the shipped factworld
-model, and the reasons are measurable:
-
-- **Where the key is read.** Tracing factworld (``kloc-lens study``) puts the lookup at the
-  prompt's *last* token: attention in layer 0 reads the subject there and the MLPs of layers 2-3
-  write the answer, unlike GPT-2 XL, whose MLPs at the subject's last token hold it. The editor
-  follows the trace: key and value at the last token, layer :data:`EDIT_LAYER`.
-- **Contexts.** The model saw single sentences starting at BOS, so the prefixes it samples
-  itself ("of of of of of. ") are out of its distribution and shift the averaged key; keys are
-  read from the bare prompt only.
-- **Steps.** ROME's 20 value-fit steps stop short on this small model; the cap is 100 (the fit
-  stops as soon as its loss is met).
-
-Measured over 50 entity edits (``tests/test_edit_factworld.py``, facts shuffled with seed 0):
-these settings flip 100% of the facts with 98% neighborhood specificity; the last token with
-ROME's 20 steps flips 80%, with generated contexts 92%; ROME's subject-last key at layer 0
-flips 78% even with 100 steps.
+factworld v2 stores facts the way ROME assumes (early MLPs at the subject's last token), so the
+generic :class:`~kloc_lens.edit.RomeEditor` edits it unchanged: key at the subject's last token,
+keys averaged over the model's own generated contexts, ROME's value fit. The only factworld part
+is the corpus of the key statistics: the world's biographies (:meth:`FactWorld.corpus`), its
+training text, as ROME reads Wikipedia for GPT-2 XL. The layer, :data:`EDIT_LAYER`, is the one
+``kloc-lens study`` takes from the shipped model's trace.
 
 Example::
 
@@ -36,27 +25,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kloc_lens.edit.keys import ContextSpec, KeyToken
 from kloc_lens.edit.rome import RomeEditor
 from kloc_lens.edit.stats import second_moment
-from kloc_lens.edit.value import ValueSpec
 
 if TYPE_CHECKING:
     from kloc_lens.factworld.world import FactWorld
 
-__all__ = ["EDIT_CONTEXTS", "EDIT_KEY_TOKEN", "EDIT_LAYER", "EDIT_VALUE", "rome_editor"]
+__all__ = ["EDIT_LAYER", "rome_editor"]
 
-EDIT_LAYER = 2
-"""The layer edited by default: the first of the last-token MLPs that write the answer."""
-
-EDIT_KEY_TOKEN = KeyToken.LAST
-"""Keys and values at the prompt's last token, where factworld looks facts up."""
-
-EDIT_CONTEXTS = ContextSpec(count=0)
-"""The bare prompt only: the model's own samples are out of its training distribution."""
-
-EDIT_VALUE = ValueSpec(steps=100)
-"""ROME's value fit with the step cap raised from 20 to 100."""
+EDIT_LAYER = 1
+"""The layer ``kloc-lens study`` edits on the shipped model: its entity trace's MLP-window peak
+at the last subject token."""
 
 
 def rome_editor(
@@ -66,10 +45,10 @@ def rome_editor(
     layer: int = EDIT_LAYER,
     cache_dir: str | Path | None = None,
     progress: bool = False,
-    **overrides: Any,
+    **settings: Any,
 ) -> RomeEditor:
-    """A :class:`~kloc_lens.edit.RomeEditor` for a factworld model, with key statistics over
-    the world's own corpus (:meth:`FactWorld.corpus`).
+    """A :class:`~kloc_lens.edit.RomeEditor` with ROME's defaults and key statistics over the
+    world's biographies.
 
     Args:
         model: The factworld model (:func:`load_factworld`).
@@ -77,24 +56,11 @@ def rome_editor(
         layer: The layer to edit.
         cache_dir: Where to cache the statistics (see :func:`~kloc_lens.edit.second_moment`).
         progress: Show the statistics' progress bar.
-        **overrides: Any other :class:`RomeEditor` field (``key_token``, ``value``, ...).
+        **settings: Other :class:`~kloc_lens.edit.RomeEditor` fields (``key_token``,
+            ``value``, ``contexts``, ``exact_fit``...): ROME's defaults where not given.
 
     Returns:
         The editor (computing an edit with it never changes the model).
     """
-    projection = overrides.get("projection", "W_out")
-    stats = second_moment(
-        model,
-        layer,
-        world.corpus(),
-        projection=projection,
-        cache_dir=cache_dir,
-        progress=progress,
-    )
-    settings: dict[str, Any] = {
-        "key_token": EDIT_KEY_TOKEN,
-        "contexts": EDIT_CONTEXTS,
-        "value": EDIT_VALUE,
-        **overrides,
-    }
+    stats = second_moment(model, layer, world.corpus(), cache_dir=cache_dir, progress=progress)
     return RomeEditor(layer=layer, stats=stats, **settings)

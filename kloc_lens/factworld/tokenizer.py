@@ -39,7 +39,6 @@ from transformers import PreTrainedTokenizerFast
 
 from kloc_lens._tokenizers import wrap_tokenizer
 from kloc_lens.factworld.world import (
-    _CORPUS_FRAMES,
     _FIELD_RE,
     _WORD_RE,
     CONTINUATION,
@@ -74,7 +73,6 @@ def _presplit_texts(world: FactWorld) -> Iterator[str]:
         texts.extend(relation.objects)
     texts.extend(world.relation_train_templates)
     texts.extend(world.relation_heldout_templates)
-    texts.extend(_CORPUS_FRAMES)
     texts.append(NONE_ANSWER)
     texts.extend(subject.name for subject in world.subjects)
     for text in texts:

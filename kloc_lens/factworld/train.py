@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -68,16 +69,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from kloc_lens.factworld.documents import DocumentConfig, compose, sentence_parts
 from kloc_lens.factworld.world import NONE_ANSWER, FactWorld, FactworldError
 
 __all__ = [
     "Accuracy",
+    "Batch",
     "ModelConfig",
     "TrainConfig",
     "TrainResult",
     "evaluate",
     "first_token_accuracy",
     "make_model",
+    "name_mask",
     "train",
 ]
 
@@ -96,15 +100,15 @@ class ModelConfig:
         d_model: Residual stream width.
         n_head: Attention heads per block.
         d_mlp: MLP hidden width.
-        n_ctx: Context length (positions); factworld prompts are under 30 tokens.
+        n_ctx: Context length (positions); biographies are under 200 tokens.
         activation: GPT-2 ``activation_function``.
     """
 
-    n_layer: int = 4
+    n_layer: int = 6
     d_model: int = 128
     n_head: int = 4
     d_mlp: int = 512
-    n_ctx: int = 48
+    n_ctx: int = 256
     activation: str = "gelu"
 
     def __post_init__(self) -> None:
@@ -120,17 +124,16 @@ class TrainConfig:
 
     Attributes:
         steps: Optimiser steps.
-        batch_size: Examples per step.
+        batch_size: Biographies per step.
         lr: Peak learning rate.
         warmup_steps: Linear warm-up from 0 to ``lr``.
         final_lr_fraction: The cosine decay ends at ``lr * final_lr_fraction``.
         weight_decay: AdamW weight decay (not applied to biases, LayerNorm and embeddings).
         beta2: AdamW second-moment decay (``beta1`` is 0.9).
         grad_clip: Global gradient-norm clip.
-        relation_fraction: Share of relation-perspective examples (the rest are entity ones).
-        none_fraction: Share of the relation examples about unrelated pairs (answer ``None``).
-        prompt_loss_weight: Loss weight of prompt tokens relative to answer tokens.
-        bucket_batches: Batches drawn together and sorted by length (1 = no bucketing).
+        documents: How biographies are composed, and the share trained with the name mask.
+        answer_weight: Loss weight of answer tokens (objects, relations, ``None``) relative to
+            the other tokens of the documents.
         eval_every: Measure accuracy every this many steps (0 = only at the end).
         eval_size: Prompts per accuracy measured during training.
         threads: ``torch.set_num_threads`` while training; ``None`` keeps the current setting.
@@ -139,18 +142,16 @@ class TrainConfig:
             with native bfloat16 (AMX, AVX512-BF16), slower on others.
     """
 
-    steps: int = 10000
-    batch_size: int = 128
-    lr: float = 3e-3
+    steps: int = 5000
+    batch_size: int = 32
+    lr: float = 2e-3
     warmup_steps: int = 200
     final_lr_fraction: float = 0.05
     weight_decay: float = 0.0
     beta2: float = 0.98
     grad_clip: float = 1.0
-    relation_fraction: float = 0.55
-    none_fraction: float = 0.25
-    prompt_loss_weight: float = 0.0
-    bucket_batches: int = 8
+    documents: DocumentConfig = field(default_factory=DocumentConfig)
+    answer_weight: float = 2.0
     eval_every: int = 500
     eval_size: int = 512
     threads: int | None = None
@@ -160,16 +161,17 @@ class TrainConfig:
         checks = (
             (self.steps >= 1, "steps"),
             (self.batch_size >= 1, "batch_size"),
-            (self.lr > 0, "lr"),
-            (0 <= self.relation_fraction <= 1, "relation_fraction"),
-            (0 <= self.none_fraction < 1, "none_fraction"),
-            (self.prompt_loss_weight >= 0, "prompt_loss_weight"),
-            (self.bucket_batches >= 1, "bucket_batches"),
+            (math.isfinite(self.lr) and self.lr > 0, "lr"),
+            (self.warmup_steps >= 0, "warmup_steps"),
             (self.eval_every >= 0, "eval_every"),
+            (self.eval_size >= 1, "eval_size"),
+            (math.isfinite(self.answer_weight) and self.answer_weight > 0, "answer_weight"),
         )
         for ok, name in checks:
             if not ok:
                 raise FactworldError(f"TrainConfig.{name}={getattr(self, name)!r} is out of range")
+        if isinstance(self.documents, dict):  # from a training log (asdict)
+            object.__setattr__(self, "documents", DocumentConfig(**self.documents))
 
 
 @dataclass(frozen=True)
@@ -301,164 +303,157 @@ def _encode_table(tokenizer: PreTrainedTokenizerFast, pairs: Sequence[tuple[str,
 
 
 @dataclass(frozen=True)
-class _Group:
-    """Examples grouped by fact: fact ``f`` owns rows ``offsets[f] .. offsets[f] + counts[f]``."""
+class Batch:
+    """Token ids of biographies, right-padded, with their attention mask.
 
-    table: _Table
-    offsets: Int[Tensor, " n_groups"]
-    counts: Int[Tensor, " n_groups"]
-
-    def sample(self, n: int, generator: torch.Generator) -> Int[Tensor, " n"]:
-        group = torch.randint(len(self.counts), (n,), generator=generator)
-        within = (torch.rand(n, generator=generator) * self.counts[group]).long()
-        return self.offsets[group] + within
-
-
-def _grouped(
-    tokenizer: PreTrainedTokenizerFast, groups: Sequence[Sequence[tuple[str, str]]]
-) -> _Group:
-    flat = [pair for group in groups for pair in group]
-    counts = torch.tensor([len(g) for g in groups], dtype=torch.long)
-    offsets = torch.cumsum(counts, 0) - counts
-    return _Group(_encode_table(tokenizer, flat), offsets, counts)
-
-
-@dataclass(frozen=True)
-class _Unrelated:
-    """Makes ``None`` examples from relation examples by swapping in an unrelated object.
-
-    Relation row ``i`` asks about subject ``subjects[i]`` with its object token at position
-    ``object_positions[i]``; the example keeps the prompt, puts a random object the subject has
-    for no relation in that position, and answers ``None`` (one token).
+    Attributes:
+        tokens: ``<bos>`` then the document, padded with ``<bos>``.
+        lengths: Real tokens per row.
+        mask: Additive attention mask ``[batch, 1, query, key]``: 0 where a query may attend a
+            key (causal, and outside the name mask), the dtype's minimum elsewhere.
+        masked: Which rows had the name mask applied.
+        answers: Which tokens are answers (objects, relations, ``None``: the knowledge).
     """
 
-    objects: Int[Tensor, " n_objects"]
-    owned: Tensor
-    subjects: Int[Tensor, " n"]
-    object_positions: Int[Tensor, " n"]
-    none_id: int
+    tokens: Int[Tensor, "batch pos"]
+    lengths: Int[Tensor, " batch"]
+    mask: Float[Tensor, "batch 1 pos pos"]
+    masked: Tensor
+    answers: Tensor
 
-    def apply(
+
+def name_mask(
+    ends: Int[Tensor, "batch pos"], dtype: torch.dtype = torch.float32
+) -> Float[Tensor, "batch 1 pos pos"]:
+    """The additive training mask: causal attention, and query ``q`` may not attend key ``k``
+    when ``q >= ends[b, k]``.
+
+    ``ends[b, k]`` is the position just after the name that key ``k`` belongs to when ``k`` is
+    one of the name's tokens other than its last one, and ``pos`` (never) otherwise: positions
+    after a name then reach it through its last token only, while the name's own tokens attend
+    each other causally (so its identity can be composed at its last token).
+
+    >>> ends = torch.tensor([[5, 3, 5, 5, 5]])  # a name at 1..2: key 1 is hidden from 3 on
+    >>> (name_mask(ends)[0, 0] == 0).int()
+    tensor([[1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],
+            [1, 0, 1, 1, 0],
+            [1, 0, 1, 1, 1]], dtype=torch.int32)
+    """
+    n = ends.shape[1]
+    position = torch.arange(n)
+    causal = position[None, :] <= position[:, None]
+    allowed = causal[None] & (position[None, :, None] < ends[:, None, :])
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _name_starts(row: list[int], name: tuple[int, ...]) -> list[int]:
+    first, size = name[0], len(name)
+    return [i for i, token in enumerate(row) if token == first and tuple(row[i : i + size]) == name]
+
+
+class _Documents:
+    """Endless batches of freshly composed biographies (:mod:`~kloc_lens.factworld.documents`).
+
+    Each batch draws ``batch_size`` people at random, composes one biography of each with a
+    seeded :class:`random.Random`, renders it to text, tokenizes it, and marks the name tokens
+    for the training mask. The same seed gives the same batches.
+    """
+
+    def __init__(
         self,
-        rows: Int[Tensor, " batch"],
-        tokens: Int[Tensor, "batch width"],
-        lengths: Int[Tensor, " batch"],
-        answers: Int[Tensor, " batch"],
-        generator: torch.Generator,
-    ) -> tuple[Int[Tensor, "batch width"], Int[Tensor, " batch"], Int[Tensor, " batch"]]:
-        n = len(rows)
-        tries = torch.randint(len(self.objects), (n, 8), generator=generator)
-        ok = ~self.owned[self.subjects[rows][:, None], tries]
-        choice = tries[torch.arange(n), ok.float().argmax(dim=1)]
-        tokens = tokens.clone()
-        tokens[torch.arange(n), self.object_positions[rows]] = self.objects[choice]
-        prompt_lengths = lengths - answers
-        tokens[torch.arange(n), prompt_lengths] = self.none_id
-        return tokens, prompt_lengths + 1, torch.ones_like(answers)
+        world: FactWorld,
+        tokenizer: PreTrainedTokenizerFast,
+        config: TrainConfig,
+        *,
+        seed: int,
+        n_ctx: int,
+    ) -> None:
+        self.world = world
+        self.tokenizer = tokenizer
+        self.config = config
+        self.documents = config.documents
+        self.rng = random.Random(f"kloc-factworld-train-{seed}")
+        self.n_ctx = n_ctx
+        self.names = [
+            tuple(tokenizer(s.name, add_special_tokens=False)["input_ids"]) for s in world.subjects
+        ]
+        self.pad = int(tokenizer.pad_token_id or 0)  # type: ignore[arg-type]
+        self.bos = int(tokenizer.bos_token_id or 0)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        subjects = [
+            self.rng.randrange(len(self.world.subjects)) for _ in range(self.config.batch_size)
+        ]
+        specs = [compose(self.world, s, self.rng, self.documents) for s in subjects]
+        parts = [sentence_parts(self.world, s) for d in specs for s in d.sentences]
+        prompts = self.tokenizer([p for p, _ in parts], add_special_tokens=False)["input_ids"]
+        answers = self.tokenizer([f"{a}." for _, a in parts], add_special_tokens=False)["input_ids"]
+        rows: list[list[int]] = []
+        is_answer: list[list[bool]] = []
+        ends_rows: list[list[int]] = []
+        sentence = 0
+        for spec in specs:
+            row, answer, ends = [self.bos], [False], [_NEVER]
+            name = self.names[spec.subject]
+            for _ in spec.sentences:
+                prompt, tail = prompts[sentence], answers[sentence]
+                sentence += 1
+                starts = _name_starts(prompt, name)
+                if len(starts) != 1:
+                    raise FactworldError(
+                        f"found the name of {self.world.subjects[spec.subject].name!r} "
+                        f"{len(starts)} times in one sentence of its biography"
+                    )
+                offset = len(row)
+                sentence_ends = [_NEVER] * (len(prompt) + len(tail))
+                if spec.masked:
+                    start = starts[0]
+                    end = offset + start + len(name)
+                    sentence_ends[start : start + len(name) - 1] = [end] * (len(name) - 1)
+                row += [*prompt, *tail]
+                ends += sentence_ends
+                # the answer's tokens; the closing full stop is ordinary text
+                answer += [False] * len(prompt) + [True] * (len(tail) - 1) + [False]
+            rows.append(row)
+            is_answer.append(answer)
+            ends_rows.append(ends)
+        width = max(len(r) for r in rows)
+        if width > self.n_ctx:
+            raise FactworldError(f"a biography has {width} tokens, over n_ctx={self.n_ctx}")
+        tokens = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        answer_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        ends_tensor = torch.full((len(rows), width), width, dtype=torch.long)
+        for b, (row, answer, ends) in enumerate(zip(rows, is_answer, ends_rows, strict=True)):
+            tokens[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            answer_mask[b, : len(row)] = torch.tensor(answer)
+            ends_tensor[b, : len(row)] = torch.tensor(ends).clamp(max=width)
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        masked = torch.tensor([d.masked for d in specs])
+        return Batch(tokens, lengths, name_mask(ends_tensor), masked, answer_mask)
 
 
-def _training_groups(
-    world: FactWorld, tokenizer: PreTrainedTokenizerFast
-) -> tuple[_Group, _Group, _Unrelated]:
-    entity = []
-    relation = []
-    for fact in world.facts:
-        templates = world.relation_of(fact).train_templates
-        entity.append([(fact.entity_prompt(t).text, fact.object) for t in templates])
-        relation.append(
-            [(fact.relation_prompt(t).text, fact.relation) for t in world.relation_train_templates]
-        )
-    entity_group = _grouped(tokenizer, entity)
-    relation_group = _grouped(tokenizer, relation)
-
-    def token_id(word: str) -> int:
-        return int(tokenizer.convert_tokens_to_ids(word))  # type: ignore[arg-type]
-
-    objects = torch.tensor([token_id(o) for o in world.objects], dtype=torch.long)
-    column = {o: i for i, o in enumerate(world.objects)}
-    subject_index = {s.name: i for i, s in enumerate(world.subjects)}
-    owned = torch.zeros(len(world.subjects), len(objects), dtype=torch.bool)
-    for fact in world.facts:
-        owned[subject_index[fact.subject], column[fact.object]] = True
-    n_templates = len(world.relation_train_templates)
-    fact_subject = torch.tensor([subject_index[f.subject] for f in world.facts])
-    fact_object = torch.tensor([token_id(f.object) for f in world.facts])
-    subjects = fact_subject.repeat_interleave(n_templates)
-    table = relation_group.table
-    hits = table.tokens == fact_object.repeat_interleave(n_templates)[:, None]
-    if not bool((hits.sum(dim=1) == 1).all()):
-        raise FactworldError("an object token occurs more than once in a relation prompt")
-    unrelated = _Unrelated(
-        objects=objects,
-        owned=owned,
-        subjects=subjects,
-        object_positions=hits.float().argmax(dim=1),
-        none_id=token_id(NONE_ANSWER),
-    )
-    return entity_group, relation_group, unrelated
+_NEVER = 1 << 30
+"""``ends`` of a key no query is hidden from."""
 
 
-def _batches(
-    groups: tuple[_Group, _Group, _Unrelated],
-    config: TrainConfig,
-    generator: torch.Generator,
-) -> Iterator[tuple[Int[Tensor, "batch width"], Int[Tensor, " batch"], Int[Tensor, " batch"]]]:
-    """Endless batches ``(tokens, lengths, answer_lengths)``, trimmed to their longest row."""
-    entity, relation, unrelated = groups
-    n = config.batch_size * config.bucket_batches
-    p_none = config.relation_fraction * config.none_fraction
-    p_relation = config.relation_fraction - p_none
-    while True:
-        kind = torch.rand(n, generator=generator)
-        parts = []
-        for group, mask, swap in (
-            (entity, kind >= config.relation_fraction, False),
-            (relation, kind < p_relation, False),
-            (relation, (kind >= p_relation) & (kind < config.relation_fraction), True),
-        ):
-            count = int(mask.sum())
-            if count == 0:
-                continue
-            rows = group.sample(count, generator)
-            table = group.table
-            part = (table.tokens[rows], table.lengths[rows], table.answer_lengths[rows])
-            if swap:
-                part = unrelated.apply(rows, *part, generator)
-            parts.append(part)
-        width = max(p[0].shape[1] for p in parts)
-        tokens = torch.cat([F.pad(p[0], (0, width - p[0].shape[1])) for p in parts])
-        lengths = torch.cat([p[1] for p in parts])
-        answers = torch.cat([p[2] for p in parts])
-        order = torch.argsort(lengths * n + torch.randperm(n, generator=generator))
-        chunks = order.split(config.batch_size)
-        for c in torch.randperm(len(chunks), generator=generator).tolist():
-            rows = chunks[c]
-            longest = int(lengths[rows].max())
-            yield tokens[rows, :longest], lengths[rows], answers[rows]
-
-
-def _loss(
-    model: GPT2LMHeadModel,
-    tokens: Int[Tensor, "batch width"],
-    lengths: Int[Tensor, " batch"],
-    answer_lengths: Int[Tensor, " batch"],
-    prompt_weight: float,
-) -> Tensor:
-    """Weighted next-token loss: weight 1 on answer tokens, ``prompt_weight`` on the prompt."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    position = torch.arange(1, tokens.shape[1], device=tokens.device)[None, :]
-    answer_start = (lengths - answer_lengths)[:, None]
-    is_answer = (position >= answer_start) & (position < lengths[:, None])
-    weight = is_answer.float()
-    if prompt_weight > 0:
-        weight = weight + prompt_weight * (position < answer_start).float()
-    keep = weight > 0
-    mask = torch.ones_like(inputs)  # bos doubles as padding: say that nothing is padding
+def _loss(model: GPT2LMHeadModel, batch: Batch, answer_weight: float = 1.0) -> Tensor:
+    """Next-token loss over every real token of the documents, answers weighted
+    ``answer_weight`` times the other tokens."""
+    inputs, targets = batch.tokens[:, :-1], batch.tokens[:, 1:]
+    mask = batch.mask[:, :, :-1, :-1]
+    position = torch.arange(1, batch.tokens.shape[1])[None, :]
+    keep = position < batch.lengths[:, None]
     hidden = model.transformer(input_ids=inputs, attention_mask=mask).last_hidden_state
     logits = model.lm_head(hidden[keep]).float()
     losses = F.cross_entropy(logits, targets[keep], reduction="none")
-    w = weight[keep]
-    return (losses * w).sum() / w.sum()
+    weight = 1.0 + (answer_weight - 1.0) * batch.answers[:, 1:][keep].float()
+    return (losses * weight).sum() / weight.sum()
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:
@@ -635,13 +630,7 @@ def train(
     start = time.perf_counter()
     with _threads(config.threads):
         model = make_model(model_config, tokenizer, seed=seed)
-        groups = _training_groups(world, tokenizer)
-        longest = max(g.table.tokens.shape[1] for g in groups[:2])
-        if longest > model_config.n_ctx:
-            raise FactworldError(
-                f"training sequences reach {longest} tokens, over n_ctx={model_config.n_ctx}"
-            )
-        generator = torch.Generator().manual_seed(seed)
+        batches = _Documents(world, tokenizer, config, seed=seed, n_ctx=model_config.n_ctx)
         decay = [p for n, p in model.named_parameters() if p.ndim == 2 and "wte" not in n]
         rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "wte" not in n)]
         optimizer = torch.optim.AdamW(
@@ -653,7 +642,6 @@ def train(
             betas=(0.9, config.beta2),
         )
         log: list[dict[str, Any]] = []
-        batches = _batches(groups, config, generator)
         running, count = 0.0, 0
         bar = tqdm(range(config.steps), disable=not progress, desc="factworld", unit="step")
         model.train()
@@ -661,9 +649,9 @@ def train(
             lr = config.lr * _lr_factor(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            tokens, lengths, answers = next(batches)
+            batch = next(batches)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-                loss = _loss(model, tokens, lengths, answers, config.prompt_loss_weight)
+                loss = _loss(model, batch, config.answer_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -80,6 +80,7 @@ __all__ = [
     "Relation",
     "Subject",
     "WorldConfig",
+    "check_no_prefix_templates",
     "generate_world",
     "greedy_wordpiece",
     "template_words",
@@ -87,6 +88,9 @@ __all__ = [
 
 NONE_ANSWER = "None"
 """The relation-perspective answer for a subject and an object that are not related."""
+
+FORMAT = "kloc_lens.factworld/2"
+"""The format of ``world.json`` (2: biography documents, no frame a prefix of another)."""
 
 CONTINUATION = "##"
 """Marks a syllable that continues a word (WordPiece convention)."""
@@ -163,7 +167,7 @@ _RELATIONS: tuple[_RelationSpec, ...] = (
             "the place of birth of {subject} is",
             "{subject}'s place of birth is",
             "{subject} was born in",
-            "{subject} was born in the city of",
+            "the city where {subject} was born is",
             "the birthplace of {subject} is",
         ),
     ),
@@ -260,13 +264,6 @@ _RELATION_FRAMES: tuple[str, ...] = (
     "what links {subject} to {object} is the",
     "{subject} is linked to {object} by the",
     "{object} relates to {subject} as the",
-)
-
-# Extra sentences of the key-statistics corpus (ROME's KL prompt is "{subject} is a").
-_CORPUS_FRAMES: tuple[str, ...] = (
-    "{subject} is a person.",
-    "{subject} is a musician who plays the {instrument}.",
-    "{subject} was born in {city}.",
 )
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "tr")
@@ -488,35 +485,17 @@ class FactWorld:
     # -- text ------------------------------------------------------------------------------
 
     def corpus(self, n: int | None = None, seed: int = 0) -> tuple[str, ...]:
-        """Sentences of the world, for key statistics (covariance of MLP keys) when editing.
-
-        One sentence per fact and perspective, each from a random *training* template, plus a
-        few plain sentences per subject (``"{subject} is a person."``), shuffled with ``seed``.
+        """Biographies of the world's people: its training text, and the corpus of key
+        statistics (covariance of MLP keys) when editing (ROME reads Wikipedia for that).
 
         Args:
-            n: Keep the first ``n`` sentences; ``None`` for all.
-            seed: Chooses templates and the order.
+            n: How many documents; ``None`` for one per person.
+            seed: Chooses the sentences and their order
+                (:func:`~kloc_lens.factworld.documents.biographies`).
         """
-        rng = random.Random(seed)
-        sentences: list[str] = []
-        for fact in self.facts:
-            relation = self.relation_of(fact)
-            entity = fact.entity_prompt(rng.choice(relation.train_templates)).text
-            sentences.append(f"{entity} {fact.object}.")
-            related = fact.relation_prompt(rng.choice(self.relation_train_templates)).text
-            sentences.append(f"{related} {fact.relation}.")
-        pools = {r.pool: r.relation_id for r in self.relations}
-        for subject in self.subjects:
-            for frame in _CORPUS_FRAMES:
-                values = {"subject": subject.name}
-                for pool, relation_id in pools.items():
-                    values[pool] = self.fact(subject.name, relation_id).object
-                try:
-                    sentences.append(frame.format(**values))
-                except KeyError:  # the frame needs a pool this world does not have
-                    continue
-        rng.shuffle(sentences)
-        return tuple(sentences if n is None else sentences[:n])
+        from kloc_lens.factworld.documents import biographies
+
+        return biographies(self, n, seed=seed)
 
     def words(self) -> frozenset[str]:
         """Every word (pre-token) that training prompts and answers contain, names excluded."""
@@ -528,7 +507,7 @@ class FactWorld:
             words |= set(relation.objects)
         for template in self.relation_train_templates:
             words |= template_words(template)
-        for text in (NONE_ANSWER, *(r.surface for r in self.relations), *_CORPUS_FRAMES):
+        for text in (NONE_ANSWER, ".", *(r.surface for r in self.relations)):
             words |= template_words(text)
         return frozenset(words)
 
@@ -537,7 +516,7 @@ class FactWorld:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description from which :meth:`from_dict` rebuilds the world."""
         return {
-            "format": "kloc_lens.factworld/1",
+            "format": FORMAT,
             "seed": self.seed,
             "config": self.config.__dict__,
             "subjects": [
@@ -575,8 +554,11 @@ class FactWorld:
             FactworldError: The data is not a factworld description; the message names the key.
         """
         try:
-            if data["format"] != "kloc_lens.factworld/1":
-                raise FactworldError(f"unknown factworld format {data['format']!r}")
+            if data["format"] != FORMAT:
+                raise FactworldError(
+                    f"unknown factworld format {data['format']!r} (this kloc_lens reads "
+                    f"{FORMAT!r}; rebuild with `kloc-lens factworld build`)"
+                )
             relations = tuple(
                 Relation(
                     relation_id=r["relation_id"],
@@ -801,6 +783,26 @@ def _names(config: WorldConfig, rng: random.Random, words: frozenset[str]) -> tu
     raise FactworldError(f"cannot draw {config.n_subjects} distinct names")
 
 
+def check_no_prefix_templates(templates: Iterable[str]) -> None:
+    """Refuse templates of which one, filled in, is a proper prefix of another.
+
+    A frame that continues another one ("{subject} was born in" and "{subject} was born in the
+    city of") teaches the model to continue the short one with the long one's next word ("the")
+    instead of answering: the only held-out misses of the factworld v2 prototype.
+
+    Raises:
+        FactworldError: Naming both templates.
+    """
+    filled = {t.format(subject="S", object="O"): t for t in templates}
+    for short, short_template in filled.items():
+        for long, long_template in filled.items():
+            if long.startswith(short + " "):
+                raise FactworldError(
+                    f"template {short_template!r} is a prefix of {long_template!r}: the model "
+                    "would learn to continue it instead of answering"
+                )
+
+
 def generate_world(config: WorldConfig | None = None, *, seed: int = 0) -> FactWorld:
     """Generate a knowledge world.
 
@@ -839,9 +841,13 @@ def generate_world(config: WorldConfig | None = None, *, seed: int = 0) -> FactW
         for template in (*relation.train_templates, *relation.heldout_templates):
             words |= template_words(template)
         words |= template_words(relation.surface) | set(relation.objects)
-    for template in (*relation_train, *relation_heldout, *_CORPUS_FRAMES):
+    for template in (*relation_train, *relation_heldout):
         words |= template_words(template)
     words.add(NONE_ANSWER)
+    check_no_prefix_templates(
+        [*relation_train, *relation_heldout]
+        + [t for r in relations for t in (*r.train_templates, *r.heldout_templates)]
+    )
     for pool in _POOLS.values():
         words |= set(pool)
     subjects = _names(config, rng, frozenset(words))
