@@ -94,7 +94,7 @@ def test_trace_command_on_a_local_checkpoint(tmp_path, capsys):
         )
         == 2
     )
-    assert "no fact about subject 'Nobody'" in capsys.readouterr().out
+    assert "no fact about subject 'Nobody'" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
@@ -109,4 +109,4 @@ def test_cli_reports_bad_input(tmp_path, capsys):
         ]
     )
     assert code == 2
-    assert "is not a directory" in capsys.readouterr().out
+    assert "is not a directory" in capsys.readouterr().err
