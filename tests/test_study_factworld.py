@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kloc_lens.cli import main
 from kloc_lens.factworld import DocumentConfig, ModelConfig, TrainConfig, WorldConfig, build
@@ -118,7 +119,9 @@ def test_other_settings_in_the_same_directory_are_refused(tiny_world, study_out,
 
 def test_two_processes_under_torchrun_equal_one(tiny_world, study_out, tmp_path):
     out = tmp_path / "ranks"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # float32 reductions depend on the number of threads a kernel splits them over: the ranks use
+    # as many as the single-process run did (study_out, in this process), so "equal" means exactly.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     command = [
         sys.executable,
         "-m",

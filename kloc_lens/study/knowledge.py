@@ -112,13 +112,15 @@ class Knowledge:
         return {
             "checked": self.n_checked,
             "known": len(self.known),
+            "known_indices": list(self.known),
             "accuracy": {name: est.as_dict() for name, est in self.accuracy.items()},
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], known: tuple[int, ...] = ()) -> Knowledge:
-        """Read :meth:`as_dict` back (the indices of known facts are not part of it)."""
+    def from_dict(cls, data: dict[str, Any]) -> Knowledge:
+        """Read :meth:`as_dict` back."""
         accuracy = {name: Estimate.from_dict(v) for name, v in data["accuracy"].items()}
+        known = tuple(int(i) for i in data["known_indices"])
         return cls(accuracy, int(data["checked"]), known)
 
     def sentence(self) -> str:

@@ -221,11 +221,15 @@ class _Units:
         compute: Callable[[int], Any],
         *,
         ext: str,
-        save: Callable[[str, Any], None],
+        save: Callable[[str, Any], object],
         load: Callable[[str], T],
         desc: str,
     ) -> list[T]:
         done = [self.store.has(kind, key, ext) for key in keys]
+        # Every rank must split the same list: none may write a unit of this phase before all
+        # have looked at the disk (a rank that saw a unit another had just written would shift
+        # its share, and some unit would be left to nobody).
+        self.shard.barrier()
         todo = [i for i, ok in enumerate(done) if not ok]
         self.found += len(keys) - len(todo)
         mine = self.shard.mine(todo)
