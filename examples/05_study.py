@@ -1,29 +1,29 @@
 # %% [markdown]
-# # The study on a model by name
+# # The study in a few lines
 #
-# Both halves of the study (localization from both sides, editing with the transfer matrix) on a
-# model and its facts. Set `KLOC_MODEL` to a hub name (`gpt2-xl`) or a local directory where the
-# hub is reachable; without it this runs on the shipped factworld model, offline. The settings
-# below are small so the notebook runs in a minute or two; the command line default is larger:
-# `kloc-lens study --model gpt2-xl --out out/gpt2-xl`.
+# Both halves of the study (localization from both perspectives, editing with the transfer
+# matrix) on the shipped factworld model, offline. The settings are small so this runs in about
+# a minute; the command line runs the full study on any model by name, resumably:
+# `kloc-lens study --model gpt2-xl --out out/gpt2-xl` (or `kloc-lens study` on factworld).
 
 # %%
-import os
 import tempfile
 from pathlib import Path
 
 from kloc_lens import plot, vis
-from kloc_lens.cli import study
+from kloc_lens.factworld import NONE_ANSWER, load_factworld
+from kloc_lens.study import StudyConfig, run_study
 
-MODEL = os.environ.get("KLOC_MODEL")  # None: the shipped factworld
+model, world = load_factworld()
 out = Path(tempfile.mkdtemp(prefix="kloc-study-"))
-# StudyConfig fields; those not given take the defaults (on factworld, its own editing settings)
-result = study(MODEL, None, out, {"n_trace": 4, "n_edit": 1, "samples": 5}, progress=False)
-model = result.model  # the model's identity
+# on factworld the "no relation" answer is the world's own; the key statistics of edits are
+# read over the world's biographies (its training text)
+config = StudyConfig(n_trace=4, n_edit=1, n_layer_sweep=0, samples=5, none_target=NONE_ANSWER)
+result = run_study(model, world.facts, config, out=out, corpus=list(world.corpus()), progress=False)
 print(result.summary()["localization"]["entity"])
 print(f"report: {out / 'report.html'}")
 plot.aggregate_grid(result.entity.aggregate)
 
 # %%
-example = result.entity.trace.traces[0]
+example = result.entity.example  # the first traced fact's traces
 vis.effect_tokens(example.get("attn"), layer=example.get("attn").layers[0])
