@@ -129,33 +129,43 @@ def _process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _rank_device() -> str | None:
-    """This rank's GPU under ``torchrun`` (``LOCAL_RANK``) where CUDA is available."""
-    import torch
+def _rank_device(device: str | None = None) -> str:
+    """The device to load on: ``device`` (default CUDA when available, else the CPU); a bare
+    ``cuda`` under ``torchrun`` is this rank's GPU (``LOCAL_RANK``)."""
+    from kloc_lens.model import resolve_device
 
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return None
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = resolve_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return str(resolved)
 
 
 def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _model_and_facts(model_name: str | None, facts_file: Path | None) -> tuple[Any, list[Any], Any]:
-    """The model, its fact set and its factworld (``None`` for other models)."""
+def _model_and_facts(
+    model_name: str | None,
+    facts_file: Path | None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> tuple[Any, list[Any], Any]:
+    """The model (on ``device`` in ``dtype``), its fact set and its factworld (``None`` for
+    other models)."""
     import kloc_lens as kl
     from kloc_lens.datasets import load_facts, real_world_facts
+    from kloc_lens.model import parse_dtype
 
-    device = _rank_device()
+    parse_dtype(dtype)  # a bad dtype is named before the device is looked at
+    device = _rank_device(device)
     if model_name is None or (Path(model_name) / "world.json").is_file():
         # the shipped factworld, or a factworld directory written by `factworld build`
         from kloc_lens.factworld import load_factworld
 
-        model, world = load_factworld(model_name, device=device)
+        model, world = load_factworld(model_name, device=device, dtype=dtype)
         facts = load_facts(facts_file) if facts_file else list(world.facts)
         return model, facts, world
-    model = kl.load_model(model_name, device=device)
+    model = kl.load_model(model_name, device=device, dtype=dtype)
     facts = load_facts(facts_file) if facts_file else real_world_facts()
     return model, facts, None
 
@@ -184,13 +194,15 @@ def trace(
     samples: int,
     span: str,
     progress: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Trace one fact (entity prompt, ``span`` corrupted) and write its figures."""
     import kloc_lens as kl
     from kloc_lens.trace import default_window
 
     out.mkdir(parents=True, exist_ok=True)
-    model, facts, _ = _model_and_facts(model_name, facts_file)
+    model, facts, _ = _model_and_facts(model_name, facts_file, device, dtype)
     fact = _pick(facts, subject, index)
     prompt = kl.tokenize(model, fact.entity_prompt())
     prompts = [kl.tokenize(model, f.entity_prompt()) for f in facts[:200]]
@@ -222,6 +234,8 @@ def edit(
     layer: int | None,
     new_object: str | None,
     progress: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Edit one fact from each perspective, score both, write the transfer figure."""
     from kloc_lens.edit import EditRequest, RomeEditor, evaluate_editor, second_moment
@@ -229,7 +243,7 @@ def edit(
     from kloc_lens.factworld import EDIT_LAYER, NONE_ANSWER, rome_editor
 
     out.mkdir(parents=True, exist_ok=True)
-    model, facts, world = _model_and_facts(model_name, facts_file)
+    model, facts, world = _model_and_facts(model_name, facts_file, device, dtype)
     fact = _pick(facts, subject, index)
     if world is not None:  # a factworld: the settings that edit it
         layer = layer if layer is not None else min(EDIT_LAYER, int(model.cfg.n_layers) - 1)
@@ -271,6 +285,8 @@ def study(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> Any:
     """Run the study and write its report.
 
@@ -280,7 +296,7 @@ def study(
     """
     from kloc_lens.study import StudyConfig, run_study
 
-    model, facts, world = _model_and_facts(model_name, facts_file)
+    model, facts, world = _model_and_facts(model_name, facts_file, device, dtype)
     given = {key: value for key, value in options.items() if value is not None}
     extra: dict[str, Any] = {}
     if world is not None:
@@ -339,6 +355,7 @@ def _layers(text: str) -> tuple[int, ...] | None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from kloc_lens.model import DTYPES
     from kloc_lens.study import StudyConfig
 
     parser = argparse.ArgumentParser(prog="kloc-lens", description=(__doc__ or "").split("\n")[0])
@@ -356,6 +373,18 @@ def _parser() -> argparse.ArgumentParser:
             type=Path,
             default=None,
             help="facts file: kloc_lens JSON or CounterFact (default: the model's)",
+        )
+        cmd.add_argument(
+            "--device",
+            default=None,
+            help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu; under "
+            "torchrun, cuda is each rank's LOCAL_RANK GPU)",
+        )
+        cmd.add_argument(
+            "--dtype",
+            default=None,
+            choices=list(DTYPES),
+            help="parameter dtype (default float32); probabilities are compared in float32",
         )
 
     def fact_args(cmd: argparse.ArgumentParser) -> None:
@@ -498,6 +527,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
             options,
             overwrite=args.overwrite,
             progress=not args.no_progress and _is_rank_zero(),
+            device=args.device,
+            dtype=args.dtype,
         )
     if _is_rank_zero():
         for line in summary_text(result.summary()):
@@ -517,6 +548,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         samples=args.samples,
         span=args.span,
         progress=not args.no_progress,
+        device=args.device,
+        dtype=args.dtype,
     )
     _print_trace({**summary, "out": args.out})
     return 0
@@ -532,6 +565,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         layer=args.layer,
         new_object=args.new_object,
         progress=not args.no_progress,
+        device=args.device,
+        dtype=args.dtype,
     )
     for row in summary["scores"]:
         print(

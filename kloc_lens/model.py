@@ -24,6 +24,7 @@ import torch
 from kloc_lens.errors import ModelError
 
 __all__ = [
+    "DTYPES",
     "HookedModel",
     "check_model",
     "device_of",
@@ -31,6 +32,8 @@ __all__ = [
     "load_hooked_transformer",
     "load_model",
     "model_identity",
+    "parse_dtype",
+    "resolve_device",
     "substrate",
 ]
 
@@ -64,6 +67,68 @@ class HookedModel(Protocol):
     def to_tokens(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""The parameter dtypes a model can be loaded in, by name."""
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """A parameter dtype from its name (``float32``, ``bfloat16``, ``float16``), or any floating
+    ``torch.dtype`` as itself (``torch.float64`` for reference computations).
+
+    >>> parse_dtype("bfloat16")
+    torch.bfloat16
+    >>> parse_dtype("fp8")
+    Traceback (most recent call last):
+    ...
+    kloc_lens.errors.ModelError: dtype must be one of 'float32', 'bfloat16', 'float16', got 'fp8'
+    """
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    options = ", ".join(repr(name) for name in DTYPES)
+    raise ModelError(f"dtype must be one of {options}, got {value!r}")
+
+
+def resolve_device(value: str | torch.device | None) -> torch.device:
+    """The device a model goes to: ``value``, or CUDA when it is available, else the CPU.
+
+    Raises:
+        ModelError: A device name torch does not know, or a CUDA / MPS device this machine does
+            not have (the message says which devices it has).
+    """
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ModelError(
+            f"device {str(value)!r} is not a device name; use cpu, cuda, cuda:N or mps"
+        ) from err
+    have = ["cpu"]
+    if torch.cuda.is_available():
+        have += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        have.append("mps")
+    if device.type == "cuda":
+        index = 0 if device.index is None else device.index
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise ModelError(
+                f"device {str(value)!r} is not on this machine; it has {', '.join(have)}"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device {str(value)!r} is not on this machine; it has {', '.join(have)}")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"device {str(value)!r}: use one of {', '.join(have)}")
+    return device
+
+
 def _bridge_class() -> Any:
     try:
         from transformer_lens.model_bridge import TransformerBridge
@@ -78,7 +143,7 @@ def load_model(
     name_or_path: str | Path,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Any:
     """Load a hub model or a local ``save_pretrained`` directory as a hooked model.
 
@@ -89,15 +154,17 @@ def load_model(
         name_or_path: A hub name such as ``"gpt2-xl"`` or a directory written by
             ``save_pretrained`` that holds both the model and its tokenizer.
         device: Where to put the model; ``None`` lets TransformerLens choose.
-        dtype: Parameter dtype; ``None`` means float32.
+        dtype: Parameter dtype (a :data:`DTYPES` name or the dtype); ``None`` means float32.
 
     Returns:
         The hooked model.
 
     Raises:
-        ModelError: The directory does not exist as a directory, has no tokenizer files
-            (TransformerLens would silently load an empty tokenizer), or loading fails.
+        ModelError: An unknown dtype, the directory does not exist as a directory, has no
+            tokenizer files (TransformerLens would silently load an empty tokenizer), or
+            loading fails.
     """
+    dtype = parse_dtype(dtype)
     path = Path(name_or_path)
     is_local = path.exists() or str(name_or_path).startswith((".", "/", "~"))
     if is_local:

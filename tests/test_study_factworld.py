@@ -4,6 +4,7 @@ resume, and two processes under torchrun giving the single process's numbers."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -200,3 +201,47 @@ def test_study_options_reach_the_editor(tiny_world, tmp_path):
     assert results["editing"]["layer_choice"]["source"] == "setting"
     assert results["config"]["edit_contexts"] == 1 and results["config"]["edit_steps"] == 5
     assert results["editing"]["layer_sweep"]["layers"] == {}
+
+
+def test_bfloat16_study_is_finite_and_close_to_float32(tiny_world, study_out, tmp_path):
+    """--dtype bfloat16 loads the weights in bfloat16 (the run records it, and its units are
+    not float32's); probabilities are still compared in float32, so the trace's numbers stay
+    finite and within bfloat16's rounding (3 significant digits per weight) of float32's."""
+    out = tmp_path / "bf16"
+    args = ["--no-progress", "study", "--model", str(tiny_world), "--out", str(out), *SMALL]
+    assert main([*args, "--n-edit", "0", "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    low = json.loads((out / "results.json").read_text())
+    full = json.loads((study_out / "results.json").read_text())
+    assert (low["run"]["dtype"], low["run"]["device"]) == ("bfloat16", "cpu")
+    assert full["run"]["dtype"] == "float32"
+    assert low["run"]["units_found"] == 0
+    for side in ("entity", "relation"):
+        numbers = low["localization"][side]["numbers"]
+        reference = full["localization"][side]["numbers"]
+        for name, number in numbers.items():
+            # undefined (None) exactly where float32's is (a ratio over a zero peak), else finite
+            assert (number["value"] is None) == (reference[name]["value"] is None), name
+            assert number["value"] is None or math.isfinite(number["value"]), name
+        for name in ("total_effect", "resid_last_span"):
+            assert numbers[name]["value"] == pytest.approx(reference[name]["value"], abs=0.05)
+
+
+@pytest.mark.parametrize(
+    ("flags", "phrase"),
+    [
+        (["--device", "cuda:99"], "device 'cuda:99' is not on this machine; it has cpu"),
+        (["--device", "tpu0"], "device 'tpu0' is not a device name"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_named(tiny_world, tmp_path, capsys, flags, phrase):
+    args = ["--no-progress", "study", "--model", str(tiny_world), "--out", str(tmp_path / "o")]
+    assert main([*args, *SMALL, *flags]) == 2
+    assert phrase in capsys.readouterr().err
+    assert not (tmp_path / "o").exists(), "refused before any work"
+
+
+def test_an_unknown_dtype_lists_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "--dtype", "fp8"])
+    assert exit_info.value.code == 2
+    assert "'float32', 'bfloat16', 'float16'" in capsys.readouterr().err

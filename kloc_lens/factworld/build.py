@@ -205,13 +205,18 @@ def _rows(accuracy: Accuracy) -> list[tuple[str, float]]:
 
 
 def load_factworld(
-    path: str | Path | None = None, *, device: str | torch.device | None = None
+    path: str | Path | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> tuple[Any, FactWorld]:
     """Load a factworld model and its world.
 
     Args:
         path: A directory written by :func:`build`; ``None`` for the shipped one.
         device: Where to put the model; ``None`` means the CPU.
+        dtype: Parameter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` means the
+            float32 it was trained in.
 
     Returns:
         ``(model, world)``: the model as a TransformerLens bridge in compatibility mode (through
@@ -233,7 +238,7 @@ def load_factworld(
             "build one with kloc_lens.factworld.build(out_dir)"
         )
     world = FactWorld.load(directory / WORLD_FILE)
-    model = load_model(directory, device=device or "cpu")
+    model = load_model(directory, device=device or "cpu", dtype=dtype)
     return model, world
 
 

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from kloc_lens.edit.evaluate import EditEvaluation, FactEvaluation
 from kloc_lens.facts import Fact, TokenizedPrompt, tokenize
-from kloc_lens.model import model_identity
+from kloc_lens.model import device_of, model_identity
 from kloc_lens.results import TraceSet, load_result
 from kloc_lens.study.config import StudyConfig, StudyError
 from kloc_lens.study.editing import Editing, LayerChoice, metric_estimates
@@ -123,7 +123,7 @@ def model_fingerprint(model: Any) -> str:
             stride = max(1, flat.numel() // 4096)
             sample = flat[::stride].float().cpu().contiguous()
             digest.update(name.encode())
-            digest.update(str(tuple(parameter.shape)).encode())
+            digest.update(f"{tuple(parameter.shape)} {parameter.dtype}".encode())
             digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:32]
 
@@ -688,6 +688,8 @@ def run_study(
                 "units_computed": units.computed,
                 "units_found": units.found,
                 "ranks": shard.world,
+                "device": str(device_of(model)),
+                "dtype": str(next(iter(model.parameters())).dtype).removeprefix("torch."),
             },
         )
         if out is not None and shard.rank == 0:
