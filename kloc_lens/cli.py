@@ -456,6 +456,32 @@ def _parser() -> argparse.ArgumentParser:
         help="generated contexts per length for keys; 0 = bare prompt (default: ROME's 10)",
     )
     cmd.add_argument(
+        "--n-queries",
+        type=_count,
+        default=defaults.n_queries,
+        help="facts known from both perspectives whose knowledge neurons are compared across "
+        "their queries (query localization); 0 skips it (%(default)s)",
+    )
+    cmd.add_argument(
+        "--neuron-steps",
+        type=_positive,
+        default=defaults.neuron_steps,
+        help="integrated-gradient steps of the knowledge neurons (%(default)s)",
+    )
+    cmd.add_argument(
+        "--neuron-threshold",
+        type=float,
+        default=defaults.neuron_threshold,
+        help="a prompt's neurons: attribution >= this share of its largest (%(default)s)",
+    )
+    cmd.add_argument(
+        "--neuron-share",
+        type=float,
+        default=defaults.neuron_share,
+        help="selected neurons: kept on more than this share of a perspective's prompts "
+        "(%(default)s)",
+    )
+    cmd.add_argument(
         "--overwrite",
         action="store_true",
         help="start over in an output directory that holds a study with other settings",
@@ -518,6 +544,10 @@ def _cmd_study(args: argparse.Namespace) -> int:
         "edit_layer": args.edit_layer,
         "edit_steps": args.edit_steps,
         "edit_contexts": args.edit_contexts,
+        "n_queries": args.n_queries,
+        "neuron_steps": args.neuron_steps,
+        "neuron_threshold": args.neuron_threshold,
+        "neuron_share": args.neuron_share,
     }
     with _process_group():
         result = study(

@@ -140,6 +140,30 @@ class NeuronAttribution:
         """``sum of a layer's attributions - (p - p_baseline)``: zero up to the Riemann error."""
         return self.scores.sum(-1) - (self.probs[:, None] - self.baseline_probs)
 
+    def prompt_neurons(self, threshold: float = 0.2) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Per prompt, the ``(layer, neuron)`` pairs of the first step of :meth:`select`: those
+        whose attribution is at least ``threshold`` times that prompt's largest (none when the
+        largest is not positive). Query localization compares these sets across prompts.
+
+        Raises:
+            NeuronError: ``threshold`` outside ``(0, 1]``.
+        """
+        kept = self._kept(threshold)
+        out = []
+        for row in kept:
+            where = row.reshape(self.scores.shape[1:]).nonzero().tolist()
+            out.append(tuple((self.layers[layer], int(neuron)) for layer, neuron in where))
+        return tuple(out)
+
+    def _kept(self, threshold: float) -> Tensor:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise NeuronError(f"threshold must be a number in (0, 1], got {threshold!r}")
+        if not 0.0 < threshold <= 1.0:
+            raise NeuronError(f"threshold must be in (0, 1], got {threshold}")
+        flat = self.scores.flatten(1)
+        top = flat.max(dim=1, keepdim=True).values
+        return (flat >= threshold * top) & (top > 0)
+
     def select(self, threshold: float = 0.2, share: float = 0.5) -> KnowledgeNeurons:
         """Dai et al.'s selection rule.
 
@@ -154,13 +178,11 @@ class NeuronAttribution:
         Raises:
             NeuronError: ``threshold`` outside ``(0, 1]`` or ``share`` outside ``[0, 1)``.
         """
-        if not 0.0 < threshold <= 1.0:
-            raise NeuronError(f"threshold must be in (0, 1], got {threshold}")
+        kept = self._kept(threshold)
+        if isinstance(share, bool) or not isinstance(share, (int, float)):
+            raise NeuronError(f"share must be a number in [0, 1), got {share!r}")
         if not 0.0 <= share < 1.0:
             raise NeuronError(f"share must be in [0, 1), got {share}")
-        flat = self.scores.flatten(1)
-        top = flat.max(dim=1, keepdim=True).values
-        kept = (flat >= threshold * top) & (top > 0)
         fraction = kept.float().mean(0).reshape(self.scores.shape[1:])
         where = (fraction > share).nonzero().tolist()
         neurons = tuple((self.layers[row], int(neuron)) for row, neuron in where)

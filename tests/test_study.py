@@ -265,6 +265,12 @@ def test_settings_are_checked_against_the_model_before_work(planted, tmp_path):
         ("noise_factor", float("inf"), "noise_factor=inf: use a finite number"),
         ("edit_layers", (), "edit_layers=()"),
         ("none_target", " ", "none_target is blank"),
+        ("n_queries", -2, "n_queries=-2: use an integer >= 0"),
+        ("neuron_steps", 0, "neuron_steps=0: use an integer >= 1"),
+        ("neuron_threshold", 0.0, "neuron_threshold=0.0: use a number in (0, 1]"),
+        ("neuron_threshold", float("nan"), "neuron_threshold=nan"),
+        ("neuron_share", 1.0, "neuron_share=1.0: use a number in [0, 1)"),
+        ("neuron_share", "half", "neuron_share='half'"),
     ],
 )
 def test_bad_settings_name_the_setting(field, value, phrase):

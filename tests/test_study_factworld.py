@@ -29,7 +29,10 @@ TRAIN = TrainConfig(
     threads=1,
     documents=DocumentConfig(none_sentences=1),
 )
-SMALL = ["--n-trace", "4", "--n-edit", "2", "--n-layer-sweep", "1", "--samples", "3"]
+SMALL = [
+    *("--n-trace", "4", "--n-edit", "2", "--n-layer-sweep", "1", "--n-queries", "3"),
+    *("--neuron-steps", "4", "--samples", "3"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +82,9 @@ def test_study_command_on_a_tiny_factworld(study_out):
         "relation-grid",
         "relation-curves",
         "example-trace",
+        "queries-overlap",
+        "queries-suppression",
+        "queries-layers",
         "transfer",
         "edit-metrics",
         "layer-sweep",
@@ -87,6 +93,14 @@ def test_study_command_on_a_tiny_factworld(study_out):
     for name in ("entity", "entity_paraphrase", "relation", "relation_paraphrase", "none"):
         assert results["knowledge"]["accuracy"][name]["n"] > 0
     assert results["localization"]["relation"]["span"] == "relation"
+    # query localization on facts known from both perspectives, with its settings
+    queries = results["queries"]
+    both = results["knowledge"]["known_both_indices"]
+    assert set(both) <= set(results["knowledge"]["known_indices"])
+    assert queries["n_facts"] == min(3, len(both)) > 0
+    assert (queries["steps"], queries["threshold"], queries["share"]) == (4, 0.2, 0.5)
+    assert all(len(v) == queries["n_facts"] for v in queries["per_fact"].values())
+    assert "Query localization" in page and "Paraphrases of the entity query" in page
     editing = results["editing"]
     assert editing["n_facts"] == {"entity": 2, "relation": 2}
     assert editing["key_token"] == "subject_last"
@@ -96,6 +110,15 @@ def test_study_command_on_a_tiny_factworld(study_out):
     assert sorted(editing["layer_sweep"]["layers"]) == ["0", "1"]
     # the report says how the test bed was trained, mask included
     assert "could not attend" in results["about"] and results["about"] in page
+
+
+def test_load_study_reads_the_factworld_study_back(study_out):
+    from kloc_lens.study import load_study, report_figures
+
+    back = load_study(study_out)
+    assert back.summary() == json.loads((study_out / "results.json").read_text())
+    assert back.queries is not None and back.queries.n_facts > 0
+    assert "queries-overlap" in [f[0] for f in report_figures(back)]
 
 
 def test_rerun_finds_every_unit_and_reports_the_same_numbers(tiny_world, study_out):
@@ -194,9 +217,10 @@ def test_study_options_reach_the_editor(tiny_world, tmp_path):
     out = tmp_path / "study"
     args = ["--no-progress", "study", "--model", str(tiny_world), "--out", str(out)]
     args += ["--n-trace", "2", "--n-edit", "1", "--n-layer-sweep", "0", "--samples", "2"]
-    args += ["--edit-layer", "0", "--edit-contexts", "1", "--edit-steps", "5"]
+    args += ["--edit-layer", "0", "--edit-contexts", "1", "--edit-steps", "5", "--n-queries", "0"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["config"]["n_queries"] == 0 and results["queries"] is None
     assert results["config"]["edit_layer"] == results["editing"]["layer"] == 0
     assert results["editing"]["layer_choice"]["source"] == "setting"
     assert results["config"]["edit_contexts"] == 1 and results["config"]["edit_steps"] == 5

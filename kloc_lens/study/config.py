@@ -44,6 +44,13 @@ class StudyConfig:
         none_target: The relation-perspective answer meaning "no relation" (the study's
             ``"None"``).
         n_bootstrap: Resamples of every bootstrap interval.
+        n_queries: Facts known from both perspectives whose knowledge neurons are found for
+            every prompt of both perspectives (query localization, :mod:`.queries`); 0 skips it.
+        neuron_steps: Integrated-gradient steps of the knowledge neurons (Dai et al.: 20).
+        neuron_threshold: A prompt's neurons have at least this share of its largest
+            attribution (Dai et al.: 0.2).
+        neuron_share: A perspective's selected neurons are kept on more than this share of
+            its prompts (Dai et al.: 0.5).
     """
 
     n_trace: int = 300
@@ -59,6 +66,10 @@ class StudyConfig:
     edit_contexts: int | None = None
     none_target: str = "None"
     n_bootstrap: int = 1000
+    n_queries: int = 100
+    neuron_steps: int = 20
+    neuron_threshold: float = 0.2
+    neuron_share: float = 0.5
 
     def __post_init__(self) -> None:
         counts = {
@@ -68,6 +79,8 @@ class StudyConfig:
             "samples": (self.samples, 1),
             "n_bootstrap": (self.n_bootstrap, 1),
             "seed": (self.seed, 0),
+            "n_queries": (self.n_queries, 0),
+            "neuron_steps": (self.neuron_steps, 1),
         }
         for name, (value, least) in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -87,6 +100,14 @@ class StudyConfig:
             raise StudyError(f"StudyConfig.noise_factor={self.noise_factor!r}: use a finite number")
         if self.noise_factor <= 0:
             raise StudyError(f"StudyConfig.noise_factor={self.noise_factor!r}: use a number > 0")
+        for name, inside, where in (
+            ("neuron_threshold", lambda x: 0.0 < x <= 1.0, "(0, 1]"),
+            ("neuron_share", lambda x: 0.0 <= x < 1.0, "[0, 1)"),
+        ):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and inside(value)):
+                raise StudyError(f"StudyConfig.{name}={value!r}: use a number in {where}")
         if self.edit_layers is not None:
             layers = tuple(self.edit_layers)
             if not layers or any(

@@ -31,7 +31,13 @@ import torch
 from kloc_lens.facts import Fact, Prompt, target_token_ids, tokenize_batch
 from kloc_lens.intervals import Estimate, bootstrap
 
-__all__ = ["KNOWLEDGE_SETS", "Knowledge", "fact_knowledge", "summarize_knowledge"]
+__all__ = [
+    "KNOWLEDGE_SETS",
+    "Knowledge",
+    "fact_knowledge",
+    "summarize_knowledge",
+    "top1_right",
+]
 
 KNOWLEDGE_SETS = ("entity", "entity_paraphrase", "relation", "relation_paraphrase", "none")
 """The prompt sets, in report order."""
@@ -54,9 +60,9 @@ def _prompt_sets(fact: Fact, none_target: str) -> dict[str, list[tuple[Prompt, s
     return sets
 
 
-def _top1_right(
-    model: Any, pairs: Sequence[tuple[Prompt, str]], batch_size: int = 64
-) -> list[bool]:
+def top1_right(model: Any, pairs: Sequence[tuple[Prompt, str]], batch_size: int = 64) -> list[bool]:
+    """Per ``(prompt, answer)`` pair: is the answer's first token the model's top-1 next token?
+    Prompts go through the model in right-padded batches of ``batch_size``."""
     right: list[bool] = []
     device = next(iter(model.parameters())).device
     for start in range(0, len(pairs), batch_size):
@@ -84,7 +90,7 @@ def fact_knowledge(
         for name, pairs in _prompt_sets(fact, none_target).items():
             flat.extend(pairs)
             owners.extend((index, name) for _ in pairs)
-    right = _top1_right(model, flat) if flat else []
+    right = top1_right(model, flat) if flat else []
     totals = [{name: [0, 0] for name in KNOWLEDGE_SETS} for _ in facts]
     for (index, name), ok in zip(owners, right, strict=True):
         totals[index][name][0] += int(ok)
@@ -101,11 +107,14 @@ class Knowledge:
         n_checked: Facts checked.
         known: Indices (into the checked facts) of the facts right on the canonical entity
             prompt: the facts the study traces and edits.
+        known_both: Of those, the facts also right on the canonical relation prompt: the facts
+            of the query localization, which needs both perspectives.
     """
 
     accuracy: dict[str, Estimate]
     n_checked: int
     known: tuple[int, ...]
+    known_both: tuple[int, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -113,6 +122,7 @@ class Knowledge:
             "checked": self.n_checked,
             "known": len(self.known),
             "known_indices": list(self.known),
+            "known_both_indices": list(self.known_both),
             "accuracy": {name: est.as_dict() for name, est in self.accuracy.items()},
         }
 
@@ -121,7 +131,8 @@ class Knowledge:
         """Read :meth:`as_dict` back."""
         accuracy = {name: Estimate.from_dict(v) for name, v in data["accuracy"].items()}
         known = tuple(int(i) for i in data["known_indices"])
-        return cls(accuracy, int(data["checked"]), known)
+        both = tuple(int(i) for i in data["known_both_indices"])
+        return cls(accuracy, int(data["checked"]), known, both)
 
     def sentence(self) -> str:
         """The report's sentence."""
@@ -146,4 +157,5 @@ def summarize_knowledge(
         values = torch.tensor([r[name] for r in rows if r[name] is not None], dtype=torch.float64)
         accuracy[name] = bootstrap(lambda x: x.mean(), values, n_resamples=n_bootstrap, seed=seed)
     known = tuple(i for i, r in enumerate(rows) if r["entity"] == 1.0)
-    return Knowledge(accuracy, len(rows), known)
+    both = tuple(i for i in known if rows[i]["relation"] == 1.0)
+    return Knowledge(accuracy, len(rows), known, both)

@@ -103,6 +103,11 @@ def summary_text(summary: dict[str, Any]) -> list[str]:
     entity, relation = sides.get("entity"), sides.get("relation")
     if entity is not None and relation is not None:
         lines.append(_second_claim(entity, relation))
+    queries = summary.get("queries")
+    if queries:
+        from kloc_lens.study.queries import query_lines
+
+        lines.extend(query_lines(queries))
     editing = summary.get("editing")
     if editing:
         lines.extend(editing["text"])
@@ -274,6 +279,10 @@ def report_figures(result: Any) -> list[tuple[str, str, go.Figure]]:
     figures.append(
         ("example-trace", "One fact, traced (entity side)", plot.trace_grid(result.entity.example))
     )
+    if result.queries is not None:
+        from kloc_lens.study.queries import query_figures
+
+        figures.extend(query_figures(result.queries.as_dict()))
     if result.editing is not None:
         from kloc_lens.edit.plot import metric_bars, transfer_heatmap
 
@@ -318,6 +327,14 @@ def _numbers_table(side: dict[str, Any]) -> str:
         for name, est in side["numbers"].items()
     )
     return f"<table><tr><th>number</th><th>value (95% CI, n)</th><th>layer</th></tr>{rows}</table>"
+
+
+def _query_table(queries: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{html.escape(_est(est, 'number', 3))}</td></tr>"
+        for name, est in queries["numbers"].items()
+    )
+    return f"<table><tr><th>number</th><th>value (95% CI, n)</th></tr>{rows}</table>"
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:
@@ -383,6 +400,9 @@ def _page(result: Any, summary: dict[str, Any]) -> str:
     for key, side in summary["localization"].items():
         if side is not None:
             body.append(f"<h2>Localization, {key} side</h2>" + _numbers_table(side))
+    queries = summary.get("queries")
+    if queries:
+        body.append("<h2>Query localization</h2>" + _query_table(queries))
     editing = summary.get("editing")
     if editing:
         body.append("<h2>Editing at the chosen layer</h2>" + _metrics_table(editing["metrics"]))
@@ -460,6 +480,7 @@ def load_study(directory: str | Path) -> Any:
     from kloc_lens.study.editing import Editing, LayerChoice
     from kloc_lens.study.knowledge import Knowledge
     from kloc_lens.study.localization import Localization
+    from kloc_lens.study.queries import QueryLocalization
     from kloc_lens.study.run import STUDY_FORMAT, StudyResult
 
     root = Path(directory)
@@ -529,6 +550,9 @@ def load_study(directory: str | Path) -> Any:
             entity=entity,
             relation=side("relation"),
             editing=editing,
+            queries=(
+                QueryLocalization.from_dict(summary["queries"]) if summary["queries"] else None
+            ),
             about=summary.get("about"),
             run=summary.get("run", {}),
         )

@@ -8,13 +8,17 @@
 2. **Localization.** ROME causal tracing, plain and severed, of ``n_trace`` known facts from two
    sides of the triplet: the *entity* side corrupts the subject (ROME's setting), the *relation*
    side the relation words of the same prompts (:mod:`.localization`).
-3. **Editing.** Rank-one edits from the entity and from the relation perspective, each scored
+3. **Query localization.** Knowledge neurons of every prompt of both perspectives of
+   ``n_queries`` facts known from both: do the queries of one fact share their neurons, and
+   does suppressing one perspective's neurons touch the other (:mod:`.queries`)?
+4. **Editing.** Rank-one edits from the entity and from the relation perspective, each scored
    from both: the 2 x 2 transfer matrix, and a sweep over layers (:mod:`.editing`).
 
 Every number carries a 95% bootstrap interval over facts and its ``n``.
 
 Units, resume, ranks
-    Each fact's knowledge, each fact's traces and each (fact, perspective, layer) edit is a unit
+    Each fact's knowledge, traces and knowledge neurons and each (fact, perspective, layer) edit
+    is a unit
     stored under its content key (:mod:`.store`). Re-running the same study on the same output
     directory skips the units found there, so an interrupted run resumes where it stopped and
     its numbers equal those of an uninterrupted run; a directory holding a study with other
@@ -58,13 +62,14 @@ from kloc_lens.study.config import StudyConfig, StudyError
 from kloc_lens.study.editing import Editing, LayerChoice, metric_estimates
 from kloc_lens.study.knowledge import Knowledge, fact_knowledge, summarize_knowledge
 from kloc_lens.study.localization import KINDS, Localization, localization_numbers
+from kloc_lens.study.queries import QueryLocalization, fact_queries, summarize_queries
 from kloc_lens.study.store import UnitStore, atomic_write_text, unit_key
 
 __all__ = ["STUDY_FORMAT", "Shard", "StudyResult", "model_fingerprint", "run_study"]
 
 logger = logging.getLogger(__name__)
 
-STUDY_FORMAT = "kloc_lens.study/2"
+STUDY_FORMAT = "kloc_lens.study/3"
 """Format of ``results.json`` and of the output directory's manifest (``study.json``)."""
 
 MANIFEST = "study.json"
@@ -278,6 +283,8 @@ class StudyResult:
         relation: Localization with the relation words corrupted (``None`` if no traced prompt
             spells its relation out).
         editing: The editing half (``None`` if skipped).
+        queries: Query localization (``None`` if skipped, or no fact is known from both
+            perspectives).
         about: What the model is, in one sentence (factworld: how it was trained).
         run: How the run went: seconds per phase, units computed and found on disk (not part
             of the study's numbers: a resumed run differs here only).
@@ -289,6 +296,7 @@ class StudyResult:
     entity: Localization
     relation: Localization | None
     editing: Editing | None
+    queries: QueryLocalization | None = None
     about: str | None = None
     run: dict[str, Any] = field(default_factory=dict)
 
@@ -304,6 +312,7 @@ class StudyResult:
                 "entity": self.entity.as_dict(),
                 "relation": None if self.relation is None else self.relation.as_dict(),
             },
+            "queries": None if self.queries is None else self.queries.as_dict(),
             "editing": None if self.editing is None else self.editing.as_dict(),
             "run": self.run,
         }
@@ -433,6 +442,39 @@ def _localize(
         layers=layers,
         aggregate=aggregate,
         example=traces[0],
+    )
+
+
+def _queries(
+    model: Any, facts: Sequence[Fact], config: StudyConfig, units: _Units, fingerprint: str
+) -> QueryLocalization | None:
+    if not facts or config.n_queries == 0:
+        return None
+    chosen = _sample(facts, config.n_queries, config.seed + 2)
+    settings = {
+        "steps": config.neuron_steps,
+        "threshold": config.neuron_threshold,
+        "share": config.neuron_share,
+        "seed": config.seed,
+    }
+    keys = [
+        unit_key("queries", {"model": fingerprint, "fact": _fact_data(f), **settings})
+        for f in chosen
+    ]
+    rows = units.json(
+        "queries",
+        keys,
+        lambda i: fact_queries(model, chosen[i], **settings),
+        "knowledge neurons (query localization)",
+    )
+    return summarize_queries(
+        rows,
+        n_layers=int(model.cfg.n_layers),
+        steps=config.neuron_steps,
+        threshold=config.neuron_threshold,
+        share=config.neuron_share,
+        n_bootstrap=config.n_bootstrap,
+        seed=config.seed,
     )
 
 
@@ -661,6 +703,9 @@ def run_study(
                 relation = _localize(
                     model, relation_prompts, "relation", "relation", config, units, fingerprint
                 )
+        with _timed(timings, "queries"):
+            both = [facts[i] for i in knowledge.known_both]
+            queries = _queries(model, both, config, units, fingerprint)
         editing = None
         if edit:
             with _timed(timings, "edit"):
@@ -682,6 +727,7 @@ def run_study(
             entity=entity,
             relation=relation,
             editing=editing,
+            queries=queries,
             about=about,
             run={
                 "timings_s": timings,
