@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -149,22 +150,27 @@ def _model_and_facts(
     facts_file: Path | None,
     device: str | None = None,
     dtype: str | None = None,
+    memory_budget: int | None = None,
 ) -> tuple[Any, list[Any], Any]:
     """The model (on ``device`` in ``dtype``), its fact set and its factworld (``None`` for
-    other models)."""
+    other models). A local model whose weights (and ``memory_budget``) do not fit the device's
+    free memory is refused before it loads."""
     import kloc_lens as kl
     from kloc_lens.datasets import load_facts, real_world_facts
-    from kloc_lens.model import parse_dtype
+    from kloc_lens.model import check_fits, parse_dtype
 
     parse_dtype(dtype)  # a bad dtype is named before the device is looked at
     device = _rank_device(device)
     if model_name is None or (Path(model_name) / "world.json").is_file():
         # the shipped factworld, or a factworld directory written by `factworld build`
-        from kloc_lens.factworld import load_factworld
+        from kloc_lens.factworld import factworld_path, load_factworld
 
+        directory = factworld_path() if model_name is None else Path(model_name)
+        check_fits(directory, device, dtype, working_bytes=memory_budget or 0)
         model, world = load_factworld(model_name, device=device, dtype=dtype)
         facts = load_facts(facts_file) if facts_file else list(world.facts)
         return model, facts, world
+    check_fits(model_name, device, dtype, working_bytes=memory_budget or 0)
     model = kl.load_model(model_name, device=device, dtype=dtype)
     facts = load_facts(facts_file) if facts_file else real_world_facts()
     return model, facts, None
@@ -196,13 +202,14 @@ def trace(
     progress: bool = True,
     device: str | None = None,
     dtype: str | None = None,
+    memory_budget: int | None = None,
 ) -> dict[str, Any]:
     """Trace one fact (entity prompt, ``span`` corrupted) and write its figures."""
     import kloc_lens as kl
     from kloc_lens.trace import default_window
 
     out.mkdir(parents=True, exist_ok=True)
-    model, facts, _ = _model_and_facts(model_name, facts_file, device, dtype)
+    model, facts, _ = _model_and_facts(model_name, facts_file, device, dtype, memory_budget)
     fact = _pick(facts, subject, index)
     prompt = kl.tokenize(model, fact.entity_prompt())
     prompts = [kl.tokenize(model, f.entity_prompt()) for f in facts[:200]]
@@ -210,7 +217,13 @@ def trace(
     noise = kl.GaussianNoise.from_prompts(model, prompts, span=span, samples=samples)
     size = window if window is not None else default_window(int(model.cfg.n_layers))
     traces = kl.causal_trace(
-        model, prompt, corruption=noise, window=size, sever=("mlp", "attn"), progress=progress
+        model,
+        prompt,
+        corruption=noise,
+        window=size,
+        sever=("mlp", "attn"),
+        progress=progress,
+        memory_budget=memory_budget,
     )
     files = _trace_outputs(traces, out, "trace")
     summary = {
@@ -236,6 +249,7 @@ def edit(
     progress: bool = True,
     device: str | None = None,
     dtype: str | None = None,
+    memory_budget: int | None = None,
 ) -> dict[str, Any]:
     """Edit one fact from each perspective, score both, write the transfer figure."""
     from kloc_lens.edit import EditRequest, RomeEditor, evaluate_editor, second_moment
@@ -243,7 +257,7 @@ def edit(
     from kloc_lens.factworld import EDIT_LAYER, NONE_ANSWER, rome_editor
 
     out.mkdir(parents=True, exist_ok=True)
-    model, facts, world = _model_and_facts(model_name, facts_file, device, dtype)
+    model, facts, world = _model_and_facts(model_name, facts_file, device, dtype, memory_budget)
     fact = _pick(facts, subject, index)
     if world is not None:  # a factworld: the settings that edit it
         layer = layer if layer is not None else min(EDIT_LAYER, int(model.cfg.n_layers) - 1)
@@ -287,6 +301,7 @@ def study(
     progress: bool = True,
     device: str | None = None,
     dtype: str | None = None,
+    memory_budget: int | None = None,
 ) -> Any:
     """Run the study and write its report.
 
@@ -294,9 +309,10 @@ def study(
     defaults. On a factworld the "no relation" answer is the world's, the key statistics are
     read over the world's biographies, and the report says how the model was trained.
     """
+    from kloc_lens.engine import ExecutionOptions
     from kloc_lens.study import StudyConfig, run_study
 
-    model, facts, world = _model_and_facts(model_name, facts_file, device, dtype)
+    model, facts, world = _model_and_facts(model_name, facts_file, device, dtype, memory_budget)
     given = {key: value for key, value in options.items() if value is not None}
     extra: dict[str, Any] = {}
     if world is not None:
@@ -318,6 +334,7 @@ def study(
         model_name=model_name or SHIPPED,
         overwrite=overwrite,
         progress=progress,
+        options=None if memory_budget is None else ExecutionOptions(memory_budget=memory_budget),
         **extra,
     )
 
@@ -337,6 +354,25 @@ def _count(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+_UNITS = {
+    "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30,
+}  # fmt: skip
+
+
+def _bytes(text: str) -> int:
+    """``2GiB``, ``512MiB``, ``1.5GB`` or a number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if match is None or match.group(2) not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"must be a size such as 2GiB, 512MiB, 1.5GB or a number of bytes, got {text!r}"
+        )
+    value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
     return value
 
 
@@ -385,6 +421,14 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             choices=list(DTYPES),
             help="parameter dtype (default float32); probabilities are compared in float32",
+        )
+        cmd.add_argument(
+            "--memory-budget",
+            type=_bytes,
+            default=None,
+            help="bytes of activations one forward pass may use, e.g. 2GiB (default: 2GiB, "
+            "at most half the free memory); a local model whose weights and budget exceed the "
+            "free memory is refused before it loads",
         )
 
     def fact_args(cmd: argparse.ArgumentParser) -> None:
@@ -559,6 +603,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
             progress=not args.no_progress and _is_rank_zero(),
             device=args.device,
             dtype=args.dtype,
+            memory_budget=args.memory_budget,
         )
     if _is_rank_zero():
         for line in summary_text(result.summary()):
@@ -580,6 +625,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         device=args.device,
         dtype=args.dtype,
+        memory_budget=args.memory_budget,
     )
     _print_trace({**summary, "out": args.out})
     return 0
@@ -597,6 +643,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         device=args.device,
         dtype=args.dtype,
+        memory_budget=args.memory_budget,
     )
     for row in summary["scores"]:
         print(

@@ -14,7 +14,9 @@ Example (the first line needs the hub, the second a ``save_pretrained`` director
 
 from __future__ import annotations
 
+import json
 import logging
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -26,6 +28,8 @@ from kloc_lens.errors import ModelError
 __all__ = [
     "DTYPES",
     "HookedModel",
+    "available_bytes",
+    "check_fits",
     "check_model",
     "device_of",
     "from_hf",
@@ -35,6 +39,7 @@ __all__ = [
     "parse_dtype",
     "resolve_device",
     "substrate",
+    "weight_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,6 +132,132 @@ def resolve_device(value: str | torch.device | None) -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ModelError(f"device {str(value)!r}: use one of {', '.join(have)}")
     return device
+
+
+_SAFETENSORS_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+_PICKLED_WEIGHTS = ("pytorch_model.bin", ".pt", ".pth")
+
+
+def _safetensors_elements(path: Path) -> tuple[int, int]:
+    """``(floating-point elements, bytes of the other tensors)`` from a safetensors header."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    floats = other = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for size in entry["shape"]:
+            count *= int(size)
+        if entry["dtype"].startswith(("F", "BF")):
+            floats += count
+        else:
+            other += count * _SAFETENSORS_ITEMSIZE.get(entry["dtype"], 8)
+    return floats, other
+
+
+def weight_bytes(path: str | Path, dtype: str | torch.dtype | None = None) -> int | None:
+    """Bytes the weights of a local ``save_pretrained`` directory take once loaded in ``dtype``
+    (``None``: float32, as :func:`load_model` loads them).
+
+    Exact for safetensors files (element counts from their headers); pickled ``.bin`` files
+    are scaled from the dtype ``config.json`` says they hold. ``None`` when the directory holds
+    no weight file kloc_lens can size.
+
+    Raises:
+        ModelError: An unknown dtype, or a damaged safetensors header.
+    """
+    itemsize = torch.empty((), dtype=parse_dtype(dtype) or torch.float32).element_size()
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        return None
+    total, found = 0, False
+    for file in sorted(directory.iterdir()):
+        if file.suffix == ".safetensors":
+            try:
+                floats, other = _safetensors_elements(file)
+            except (OSError, ValueError, KeyError, struct.error) as err:
+                raise ModelError(
+                    f"cannot read the safetensors header of {str(file)!r}: {err}"
+                ) from err
+            total += floats * itemsize + other
+            found = True
+        elif file.name.endswith(_PICKLED_WEIGHTS):
+            stored = _config_itemsize(directory)
+            total += file.stat().st_size * itemsize // stored
+            found = True
+    return total if found else None
+
+
+def _config_itemsize(directory: Path) -> int:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return 4
+    name = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    return {"float16": 2, "bfloat16": 2, "float64": 8}.get(name, 4)
+
+
+def available_bytes(device: str | torch.device) -> int | None:
+    """Free memory on ``device``: free CUDA memory, the CPU's ``MemAvailable``; ``None`` where
+    it cannot be known (MPS, a machine without ``/proc/meminfo``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+def check_fits(
+    name_or_path: str | Path,
+    device: str | torch.device,
+    dtype: str | torch.dtype | None = None,
+    *,
+    working_bytes: int = 0,
+) -> int | None:
+    """Refuse, before loading, a model whose weights and working memory do not fit the device.
+
+    The weights are sized by :func:`weight_bytes` (a local directory; a hub name is not sized
+    without downloading it, so it is not checked), ``working_bytes`` is the activations' memory
+    budget, and the free memory is :func:`available_bytes`. The check is a lower bound: loading
+    may briefly need more.
+
+    Returns:
+        The weights' bytes, or ``None`` when they cannot be sized here.
+
+    Raises:
+        ModelError: Weights plus working memory exceed the device's free memory; the message
+            gives both and what to change.
+    """
+    device = torch.device(device)
+    needed = weight_bytes(name_or_path, dtype)
+    if needed is None:
+        return None
+    free = available_bytes(device)
+    if free is not None and needed + working_bytes > free:
+        shown = dtype if isinstance(dtype, str) else str(dtype or "float32").removeprefix("torch.")
+        raise ModelError(
+            f"model {str(name_or_path)!r} does not fit on {device}: its weights take "
+            f"{_gib(needed)} in {shown} and the memory budget {_gib(working_bytes)}, but "
+            f"{device} has {_gib(free)} free; use --dtype bfloat16, a smaller --memory-budget "
+            "or another --device"
+        )
+    return needed
 
 
 def _bridge_class() -> Any:

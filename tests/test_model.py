@@ -101,3 +101,48 @@ def test_load_hooked_transformer_matches_huggingface(checkpoint):
         empty = checkpoint.parent / "no_tok"
         save_tiny_checkpoint(empty, tokenizer=False)
         load_hooked_transformer(empty)
+
+
+def test_weight_bytes_of_a_checkpoint_count_its_tensors(checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    from kloc_lens.model import weight_bytes
+
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert weight_bytes(checkpoint) == stored  # float32 on disk, float32 loaded
+    floats = sum(t.numel() for t in tensors.values() if t.is_floating_point())
+    assert weight_bytes(checkpoint, "bfloat16") == stored - 2 * floats
+    # a pickled checkpoint is scaled from its file size and config's dtype
+    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
+    torch.save(tensors, tmp_path / "pytorch_model.bin")
+    size = (tmp_path / "pytorch_model.bin").stat().st_size
+    assert weight_bytes(tmp_path) == size
+    assert weight_bytes(tmp_path, torch.float16) == size // 2
+    assert weight_bytes(tmp_path / "missing") is None
+    assert weight_bytes("gpt2-xl") is None  # a hub name is not sized without the hub
+
+
+def test_a_model_that_does_not_fit_is_refused_before_it_loads(checkpoint, monkeypatch):
+    import kloc_lens.model as model_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(model_module, "available_bytes", lambda device: 10_000)
+    with pytest.raises(kl.ModelError, match=r"does not fit on cpu: its weights take .* float32"):
+        model_module.check_fits(checkpoint, "cpu")
+    with pytest.raises(kl.ModelError, match="use --dtype bfloat16, a smaller --memory-budget"):
+        model_module.check_fits(checkpoint, "cpu", "bfloat16")
+    needed = model_module.weight_bytes(checkpoint)
+    monkeypatch.setattr(model_module, "available_bytes", lambda device: needed + 100)
+    assert model_module.check_fits(checkpoint, "cpu") == needed
+    with pytest.raises(kl.ModelError, match="memory budget"):
+        model_module.check_fits(checkpoint, "cpu", working_bytes=101)
+    # through the command line: refused, and nothing loads
+    from kloc_lens.cli import main
+
+    monkeypatch.setattr(model_module, "available_bytes", lambda device: 10_000)
+    monkeypatch.setattr(model_module, "load_model", never)
+    monkeypatch.setattr(kl, "load_model", never)
+    assert main(["--no-progress", "trace", "--model", str(checkpoint), "--device", "cpu"]) == 2

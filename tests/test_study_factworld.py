@@ -269,3 +269,54 @@ def test_an_unknown_dtype_lists_the_choices(capsys):
         main(["study", "--dtype", "fp8"])
     assert exit_info.value.code == 2
     assert "'float32', 'bfloat16', 'float16'" in capsys.readouterr().err
+
+
+def test_factworld_report_with_every_section_renders_in_a_headless_browser(study_out, tmp_path):
+    """The planted study has no relation side, query localization or layer sweep; this report
+    has them all, and every figure draws without a console error."""
+    from test_study import _render
+
+    from kloc_lens.study import load_study, report_figures
+
+    dom, console = _render(study_out / "report.html", tmp_path)
+    assert console == []
+    rendered = re.findall(r'<div id="fig-([\w-]+)" class="kloc-plot[^"]*js-plotly-plot', dom)
+    assert rendered == [f[0] for f in report_figures(load_study(study_out))]
+    assert {"queries-overlap", "queries-suppression", "queries-layers"} <= set(rendered)
+
+
+def test_memory_budget_reaches_every_trace_and_bad_sizes_are_named(
+    tiny_world, tmp_path, monkeypatch, capsys
+):
+    import kloc_lens.trace as trace_module
+
+    budgets = []
+    real = trace_module.causal_trace
+
+    def spy(*args, **kwargs):
+        budgets.append(kwargs["options"].memory_budget)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trace_module, "causal_trace", spy)
+    args = ["--no-progress", "study", "--model", str(tiny_world), "--out", str(tmp_path / "m")]
+    args += ["--n-trace", "2", "--n-edit", "0", "--n-queries", "0", "--samples", "2"]
+    assert main([*args, "--memory-budget", "3MiB"]) == 0
+    assert budgets and set(budgets) == {3 * 2**20}
+    with pytest.raises(SystemExit):
+        main([*args, "--memory-budget", "lots"])
+    assert "must be a size such as 2GiB, 512MiB, 1.5GB" in capsys.readouterr().err
+
+
+def test_a_factworld_that_does_not_fit_is_refused_before_it_loads(tiny_world, monkeypatch, capsys):
+    import kloc_lens.factworld as factworld_module
+    import kloc_lens.model as model_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(model_module, "available_bytes", lambda device: 2**20)
+    monkeypatch.setattr(factworld_module, "load_factworld", never)
+    args = ["--no-progress", "study", "--model", str(tiny_world), "--memory-budget", "1GiB"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "does not fit on cpu" in err and "the memory budget 1.00 GiB" in err

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from kloc_lens.errors import SweepError
+from kloc_lens.model import available_bytes
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -60,21 +61,6 @@ def token_bytes(model: Any, n_pos: int) -> int:
     return 4 * (12 * cfg.d_model + 3 * _d_mlp(cfg) + 4 * cfg.n_heads * n_pos)
 
 
-def _available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` (CUDA: free device memory; CPU: MemAvailable), if known."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as meminfo:
-                for line in meminfo:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-    return None
-
-
 def usable_budget(memory_budget: int, device: torch.device) -> int:
     """The bytes a pass may use: ``memory_budget``, but at most half the free memory.
 
@@ -83,7 +69,7 @@ def usable_budget(memory_budget: int, device: torch.device) -> int:
     """
     if memory_budget < 1:
         raise SweepError(f"memory_budget must be >= 1 byte, got {memory_budget}")
-    free = _available_bytes(device)
+    free = available_bytes(device)
     return memory_budget if free is None else max(1, min(memory_budget, free // 2))
 
 

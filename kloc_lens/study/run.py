@@ -55,6 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kloc_lens.edit.evaluate import EditEvaluation, FactEvaluation
+from kloc_lens.engine import ExecutionOptions
 from kloc_lens.facts import Fact, TokenizedPrompt, tokenize
 from kloc_lens.model import device_of, model_identity
 from kloc_lens.results import TraceSet, load_result
@@ -371,6 +372,7 @@ def _localize(
     config: StudyConfig,
     units: _Units,
     fingerprint: str,
+    options: ExecutionOptions | None = None,
 ) -> Localization:
     from kloc_lens.corrupt import GaussianNoise
     from kloc_lens.trace import causal_trace
@@ -412,6 +414,7 @@ def _localize(
             sever=sever,
             window=window,
             progress=False,
+            options=options,
         )
 
     def load(key: str) -> TraceSet:
@@ -632,6 +635,7 @@ def run_study(
     overwrite: bool = False,
     progress: bool = True,
     shard: Shard | None = None,
+    options: ExecutionOptions | None = None,
 ) -> StudyResult:
     """Run the study and (with ``out``) write ``report.html``, ``results.json`` and tensors.
 
@@ -650,6 +654,8 @@ def run_study(
         progress: Show progress bars.
         shard: This process's rank; default from ``torch.distributed`` (one process if not
             initialised).
+        options: How the traces execute (memory budget, batch size; not their numbers, so
+            not part of the unit keys); default ``ExecutionOptions()``.
 
     Raises:
         StudyError: The output directory cannot hold this study, settings that do not fit the
@@ -695,13 +701,22 @@ def run_study(
         sample = _sample(known, config.n_trace, config.seed)
         prompts = [tokenize(model, f.entity_prompt()) for f in sample]
         with _timed(timings, "trace_entity"):
-            entity = _localize(model, prompts, "subject", "entity", config, units, fingerprint)
+            entity = _localize(
+                model, prompts, "subject", "entity", config, units, fingerprint, options
+            )
         relation_prompts = [p for p in prompts if "relation" in p.spans]
         relation = None
         if relation_prompts:
             with _timed(timings, "trace_relation"):
                 relation = _localize(
-                    model, relation_prompts, "relation", "relation", config, units, fingerprint
+                    model,
+                    relation_prompts,
+                    "relation",
+                    "relation",
+                    config,
+                    units,
+                    fingerprint,
+                    options,
                 )
         with _timed(timings, "queries"):
             both = [facts[i] for i in knowledge.known_both]
