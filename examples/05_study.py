@@ -1,9 +1,10 @@
 # %% [markdown]
 # # The study in a few lines
 #
-# Both halves of the study (localization from both perspectives, editing with the transfer
-# matrix) on the shipped factworld model, offline. The settings are small so this runs in about
-# a minute; the command line runs the full study on any model by name, resumably:
+# Both halves of the study (localization from both perspectives, query localization with
+# knowledge neurons, editing with the transfer matrix) on the shipped factworld model,
+# offline. The settings are small so this runs in about a minute; the command line runs the
+# full study on any model by name, resumably:
 # `kloc-lens study --model gpt2-xl --out out/gpt2-xl` (or `kloc-lens study` on factworld).
 
 # %%
@@ -18,9 +19,18 @@ model, world = load_factworld()
 out = Path(tempfile.mkdtemp(prefix="kloc-study-"))
 # on factworld the "no relation" answer is the world's own; the key statistics of edits are
 # read over the world's biographies (its training text)
-config = StudyConfig(n_trace=4, n_edit=1, n_layer_sweep=0, samples=5, none_target=NONE_ANSWER)
+config = StudyConfig(
+    n_trace=4,
+    n_edit=1,
+    n_layer_sweep=0,
+    samples=5,
+    n_queries=4,
+    neuron_steps=10,
+    none_target=NONE_ANSWER,
+)
 result = run_study(model, world.facts, config, out=out, corpus=list(world.corpus()), progress=False)
 print(result.summary()["localization"]["entity"])
+print(result.queries.numbers["within_minus_across"] if result.queries else "no query localization")
 print(f"report: {out / 'report.html'}")
 plot.aggregate_grid(result.entity.aggregate)
 
