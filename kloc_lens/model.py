@@ -199,7 +199,8 @@ def _config_itemsize(directory: Path) -> int:
     except (OSError, ValueError):
         return 4
     name = str(config.get("torch_dtype") or config.get("dtype") or "float32")
-    return {"float16": 2, "bfloat16": 2, "float64": 8}.get(name, 4)
+    stored = {**DTYPES, "float64": torch.float64}.get(name, torch.float32)
+    return torch.empty((), dtype=stored).element_size()
 
 
 def available_bytes(device: str | torch.device) -> int | None:
@@ -250,7 +251,7 @@ def check_fits(
         return None
     free = available_bytes(device)
     if free is not None and needed + working_bytes > free:
-        shown = dtype if isinstance(dtype, str) else str(dtype or "float32").removeprefix("torch.")
+        shown = str(parse_dtype(dtype) or torch.float32).removeprefix("torch.")
         raise ModelError(
             f"model {str(name_or_path)!r} does not fit on {device}: its weights take "
             f"{_gib(needed)} in {shown} and the memory budget {_gib(working_bytes)}, but "

@@ -297,17 +297,23 @@ class KnowledgeNeurons:
         return {layer: tuple(sorted(found)) for layer, found in sorted(grouped.items())}
 
     def applied(
-        self, model: Any, scale: float = 0.0, *, everywhere: bool = False
+        self,
+        model: Any,
+        scale: float = 0.0,
+        *,
+        everywhere: bool = False,
+        positions: Tensor | None = None,
     ) -> contextlib.AbstractContextManager[None]:
         """Multiply the neurons' activations by ``scale`` inside a ``with`` block, at
-        ``position`` (or at every position); see :func:`scaled_neurons`."""
-        return scaled_neurons(model, self, scale, everywhere=everywhere)
+        ``position``, at each row's own ``positions``, or at every position; see
+        :func:`scaled_neurons`."""
+        return scaled_neurons(model, self, scale, everywhere=everywhere, positions=positions)
 
     def suppressed(
-        self, model: Any, *, everywhere: bool = False
+        self, model: Any, *, everywhere: bool = False, positions: Tensor | None = None
     ) -> contextlib.AbstractContextManager[None]:
         """Set the neurons' activations to zero inside a ``with`` block."""
-        return self.applied(model, 0.0, everywhere=everywhere)
+        return self.applied(model, 0.0, everywhere=everywhere, positions=positions)
 
     def amplified(
         self, model: Any, factor: float = 2.0, *, everywhere: bool = False
@@ -344,7 +350,12 @@ class KnowledgeNeurons:
 
 
 def neuron_hooks(
-    model: Any, neurons: KnowledgeNeurons, scale: float, *, everywhere: bool = False
+    model: Any,
+    neurons: KnowledgeNeurons,
+    scale: float,
+    *,
+    everywhere: bool = False,
+    positions: Tensor | None = None,
 ) -> list[tuple[str, Any]]:
     """The forward hooks that multiply ``neurons``' activations by ``scale``.
 
@@ -354,6 +365,8 @@ def neuron_hooks(
         scale: ``0`` suppresses, ``2`` doubles.
         everywhere: Scale them at every position, not only at ``neurons.position`` (the
             position they were found at, the same index in every row).
+        positions: One position per row of the batch (a right-padded batch's last real
+            tokens, ``PromptBatch.last``) instead of ``neurons.position``.
 
     Raises:
         NeuronError: Neurons found on another model, or outside its layers or MLP width.
@@ -378,6 +391,10 @@ def neuron_hooks(
             out = activation.clone()
             if everywhere:
                 out[..., where] = activation[..., where] * scale
+            elif positions is not None:
+                rows = torch.arange(activation.shape[0], device=activation.device)[:, None]
+                at = positions.to(activation.device)[:, None]
+                out[rows, at, where[None, :]] = activation[rows, at, where[None, :]] * scale
             else:
                 out[:, position, where] = activation[:, position, where] * scale
             return out
@@ -388,7 +405,12 @@ def neuron_hooks(
 
 @contextlib.contextmanager
 def scaled_neurons(
-    model: Any, neurons: KnowledgeNeurons, scale: float, *, everywhere: bool = False
+    model: Any,
+    neurons: KnowledgeNeurons,
+    scale: float,
+    *,
+    everywhere: bool = False,
+    positions: Tensor | None = None,
 ) -> Iterator[None]:
     """Multiply neurons' activations by ``scale`` inside a ``with`` block; the hooks are removed
     when it ends, also on an exception.
@@ -396,7 +418,7 @@ def scaled_neurons(
     Raises:
         NeuronError: Neurons found on another model, or outside it.
     """
-    hooks = neuron_hooks(model, neurons, scale, everywhere=everywhere)
+    hooks = neuron_hooks(model, neurons, scale, everywhere=everywhere, positions=positions)
     with model.hooks(fwd_hooks=hooks):
         yield
 

@@ -233,6 +233,26 @@ def test_hooks_scale_exactly_there_and_never_outlive_the_block(tiny):
     assert attached() == before
 
 
+def test_per_row_positions_scale_each_rows_own_token(tiny):
+    """In a right-padded batch, ``positions`` (each row's last real token) scales what
+    ``position=-1`` scales in each prompt alone."""
+    model = tiny
+    chosen = KnowledgeNeurons(((0, 3), (1, 5), (2, 1)), kl.model.model_identity(model))
+    prompts = [TEXTS[0], TEXTS[0] + " and more words here", TEXTS[1]]
+    batch = kl.tokenize_batch(model, prompts)
+    assert len(set(batch.last.tolist())) > 1  # rows of different lengths
+    with torch.no_grad(), chosen.suppressed(model, positions=batch.last):
+        logits = model(batch.tokens)
+    rows = torch.arange(len(prompts))
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad(), chosen.suppressed(model):
+            alone = model(model.to_tokens(prompt))[0, -1]
+        torch.testing.assert_close(logits[rows[row], batch.last[row]], alone, atol=1e-5, rtol=0)
+        with torch.no_grad():
+            clean = model(model.to_tokens(prompt))[0, -1]
+        assert not torch.allclose(alone, clean, atol=1e-4)  # the suppression does something
+
+
 @pytest.mark.substrate
 def test_save_load_and_dataframe(tiny, tmp_path):
     found = knowledge_neurons(tiny, TEXTS, "French", layers=[1, 2], steps=3)

@@ -30,6 +30,7 @@ so the report can show distributions, not only means.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import zlib
@@ -39,12 +40,11 @@ from typing import Any
 
 import plotly.graph_objects as go
 import torch
-from torch import Tensor
 
 from kloc_lens.facts import Fact, Prompt, target_token_ids, tokenize_batch
 from kloc_lens.intervals import Estimate, bootstrap
 from kloc_lens.model import device_of
-from kloc_lens.neurons import NEURON_HOOK, KnowledgeNeurons, knowledge_neurons
+from kloc_lens.neurons import KnowledgeNeurons, knowledge_neurons
 from kloc_lens.study.knowledge import top1_right
 
 __all__ = [
@@ -105,26 +105,20 @@ def _mean(values: Sequence[float | None]) -> float | None:
 def _answer_probs(
     model: Any, prompts: Sequence[Prompt], answer: str, neurons: KnowledgeNeurons | None
 ) -> list[float]:
-    """p(answer's first token) at each prompt's last position, with ``neurons`` set to zero
-    there: one right-padded batch, each row's neurons zeroed at its own last position (what
-    :meth:`~kloc_lens.KnowledgeNeurons.suppressed` does to one unpadded prompt)."""
+    """p(answer's first token) at each prompt's last position in one right-padded batch, with
+    ``neurons`` set to zero at each row's own last position."""
     device = device_of(model)
     batch = tokenize_batch(model, list(prompts))
     last = batch.last.to(device)
     rows = torch.arange(len(prompts), device=device)
     ids = torch.tensor([target_token_ids(model, p, answer)[0] for p in prompts], device=device)
-    hooks = []
-    for layer, indices in ({} if neurons is None else neurons.by_layer()).items():
-        index = torch.tensor(indices, dtype=torch.long, device=device)
-
-        def zero(activation: Tensor, hook: Any, index: Tensor = index) -> Tensor:
-            out = activation.clone()
-            out[rows[:, None], last[:, None], index[None, :]] = 0.0
-            return out
-
-        hooks.append((NEURON_HOOK.format(layer=layer), zero))
-    with torch.no_grad():
-        logits = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=hooks)
+    suppressed = (
+        contextlib.nullcontext()
+        if neurons is None or not neurons.neurons
+        else neurons.suppressed(model, positions=last)
+    )
+    with torch.no_grad(), suppressed:
+        logits = model(batch.tokens.to(device))
     probs = torch.softmax(logits[rows, last].double(), -1)[rows, ids]
     return [float(p) for p in probs]
 

@@ -320,21 +320,16 @@ def _table(rows: dict[str, Any]) -> str:
     return f"<table>{cells}</table>"
 
 
-def _numbers_table(side: dict[str, Any]) -> str:
+def _numbers_table(numbers: dict[str, Any], layers: dict[str, int] | None = None) -> str:
+    """Named estimates, with the layer of each peak when ``layers`` is given."""
     rows = "".join(
         f"<tr><th>{html.escape(name)}</th><td>{html.escape(_est(est, 'number', 3))}</td>"
-        f"<td>{side['layers'].get(name, '')}</td></tr>"
-        for name, est in side["numbers"].items()
+        + ("" if layers is None else f"<td>{layers.get(name, '')}</td>")
+        + "</tr>"
+        for name, est in numbers.items()
     )
-    return f"<table><tr><th>number</th><th>value (95% CI, n)</th><th>layer</th></tr>{rows}</table>"
-
-
-def _query_table(queries: dict[str, Any]) -> str:
-    rows = "".join(
-        f"<tr><th>{html.escape(name)}</th><td>{html.escape(_est(est, 'number', 3))}</td></tr>"
-        for name, est in queries["numbers"].items()
-    )
-    return f"<table><tr><th>number</th><th>value (95% CI, n)</th></tr>{rows}</table>"
+    layer = "" if layers is None else "<th>layer</th>"
+    return f"<table><tr><th>number</th><th>value (95% CI, n)</th>{layer}</tr>{rows}</table>"
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:
@@ -399,10 +394,13 @@ def _page(result: Any, summary: dict[str, Any]) -> str:
     body.append("<h2>Settings</h2>" + _table(summary["config"]))
     for key, side in summary["localization"].items():
         if side is not None:
-            body.append(f"<h2>Localization, {key} side</h2>" + _numbers_table(side))
+            body.append(
+                f"<h2>Localization, {key} side</h2>"
+                + _numbers_table(side["numbers"], side["layers"])
+            )
     queries = summary.get("queries")
     if queries:
-        body.append("<h2>Query localization</h2>" + _query_table(queries))
+        body.append("<h2>Query localization</h2>" + _numbers_table(queries["numbers"]))
     editing = summary.get("editing")
     if editing:
         body.append("<h2>Editing at the chosen layer</h2>" + _metrics_table(editing["metrics"]))
