@@ -168,3 +168,73 @@ def test_a_rewrite_row_longer_than_the_context_is_refused(planted, request_):
     objective = Objective(prompt, target, None)
     with pytest.raises(EditError, match="more than the model's context of n_ctx="):
         fit_value(model, [objective], hook_name=f"blocks.{facts.mlp_layer}.hook_mlp_out")
+
+
+def test_fit_values_equals_fitting_each_problem_alone(planted, unchecked):
+    """One batch, per-problem stops and clamps: the same fits as one call per problem."""
+    from kloc_lens.edit import RomeEditor, planted_corpus, second_moment
+    from kloc_lens.edit.keys import compute_key
+    from kloc_lens.edit.projection import Projection
+    from kloc_lens.edit.rome import rank_one_spread, solve_direction
+    from kloc_lens.edit.value import FitProblem, fit_values
+
+    model, facts = planted
+    layer = facts.mlp_layer
+    stats = second_moment(model, layer, planted_corpus(facts), progress=False)
+    requests = [
+        EditRequest(Fact(subject, "home", obj), target, perspective=perspective, none_target="a")
+        for (subject, obj), target in zip(facts.pairs(), facts.spare_objects, strict=False)
+        for perspective in ("entity", "relation")
+    ]
+    contexts = ("", "Lima Oslo lives in . ")
+    problems = []
+    for index, request in enumerate(requests):
+        key = compute_key(
+            model,
+            [o.prompt for o in request.objectives()],
+            layer=layer,
+            contexts=contexts,
+        )
+        spread = rank_one_spread(model, layer, Projection.W_OUT, key, solve_direction(key, stats))
+        # every other problem without a spread: both kinds share one batch
+        problems.append(
+            FitProblem(
+                tuple(request.objectives()), kl_prompts(request), spread if index % 2 else None
+            )
+        )
+    spec = ValueSpec(stop_loss=1.0, steps=14)
+    hook = f"blocks.{layer}.hook_mlp_out"
+    together = fit_values(model, problems, hook_name=hook, contexts=contexts, spec=spec)
+    alone = [
+        fit_value(
+            model,
+            p.objectives,
+            p.kl,
+            hook_name=hook,
+            contexts=contexts,
+            spec=spec,
+            spread=p.spread,
+        )
+        for p in problems
+    ]
+    assert len({fit.updates for fit in alone}) > 1  # some stop early, others go on
+    for mine, reference in zip(together, alone, strict=True):
+        assert mine.updates == reference.updates
+        assert mine.stopped_early == reference.stopped_early
+        assert mine.spread == reference.spread
+        torch.testing.assert_close(mine.delta, reference.delta, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.initial, reference.initial, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(mine.losses), torch.tensor(reference.losses), atol=1e-5, rtol=1e-5
+        )
+    with pytest.raises(EditError, match="no value fits"):
+        fit_values(model, [], hook_name=hook)
+    editor = RomeEditor(layer=layer, stats=stats, contexts=ContextSpec(count=1, lengths=(2,)))
+    each = editor.compute_each(model, requests)
+    for request, edit in zip(requests, each, strict=True):
+        single = editor.compute(model, request)
+        assert edit.request is request
+        torch.testing.assert_close(edit.value, single.value, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(edit.direction, single.direction, atol=1e-6, rtol=1e-6)
+    with pytest.raises(EditError, match="not an EditRequest"):
+        editor.compute_each(model, [requests[0], "Ana Bel"])  # type: ignore[list-item]

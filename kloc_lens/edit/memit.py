@@ -4,8 +4,8 @@ Meng et al. (2023) edit many facts together and share each fact's change among t
 projections of a range of layers (GPT-2 XL: the MLPs of layers 13-17):
 
 1. For every fact ``i``, optimise a change ``delta_i`` of the residual stream after the last
-   edited layer ``L`` at the key token (:func:`~kloc_lens.edit.value.fit_value`); the target is
-   ``z_i = h_L + delta_i``.
+   edited layer ``L`` at the key token (:func:`~kloc_lens.edit.value.fit_values`, all facts in
+   one batch); the target is ``z_i = h_L + delta_i``.
 2. For each edited layer ``l``, lowest first, with the updates of the layers below already
    applied: read the keys ``K`` (one row per fact, averaged over contexts) and the current
    ``h_L``, take the residual ``R = (z - h_L) / (layers left)``, and solve
@@ -50,7 +50,6 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from kloc_lens.edit._errors import EditError, choice
 from kloc_lens.edit.apply import LowRankEdit, LowRankUpdate, WeightEdit, edit_hooks
@@ -58,7 +57,7 @@ from kloc_lens.edit.keys import ContextSpec, KeyToken, generate_contexts, key_ro
 from kloc_lens.edit.projection import Projection
 from kloc_lens.edit.request import EditRequest
 from kloc_lens.edit.stats import SecondMoment
-from kloc_lens.edit.value import ValueFit, ValueSpec, fit_value, kl_prompts
+from kloc_lens.edit.value import FitProblem, ValueFit, ValueSpec, fit_values, kl_prompts
 from kloc_lens.model import check_model, model_identity
 
 __all__ = ["MemitEditor", "MultiLayerEdit"]
@@ -131,7 +130,6 @@ class MemitEditor:
             Its effect scales with ``k^T C^-1 k``, about the key length: small models need a
             smaller weight (about 2.3 x ``d_in`` keeps GPT-2 XL's balance).
         ridge: Ridge added to the statistics before solving, relative to their mean eigenvalue.
-        progress: Show a progress bar over facts and layers.
     """
 
     layers: tuple[int, ...]
@@ -142,7 +140,6 @@ class MemitEditor:
     stats: SecondMoment | tuple[SecondMoment, ...] | None = None
     covariance_weight: float = 15000.0
     ridge: float = 1e-4
-    progress: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "projection", choice(Projection, self.projection, "projection"))
@@ -203,19 +200,20 @@ class MemitEditor:
         rows = key_rows(model, groups, key_token=key_token, contexts=contexts)
         start = mean_at_keys(model, rows, z_hook, layer=target_layer)
 
-        fits = []
-        for request in tqdm(items, desc="MEMIT targets", disable=not self.progress, leave=False):
-            fits.append(
-                fit_value(
-                    model,
-                    request.objectives(),
+        fits = fit_values(
+            model,
+            [
+                FitProblem(
+                    tuple(request.objectives()),
                     kl_prompts(request, key_token, self.value.kl_templates),
-                    hook_name=z_hook,
-                    key_token=key_token,
-                    contexts=contexts,
-                    spec=self.value,
                 )
-            )
+                for request in items
+            ],
+            hook_name=z_hook,
+            key_token=key_token,
+            contexts=contexts,
+            spec=self.value,
+        )
         targets = start + torch.stack([fit.delta.to(start.device) for fit in fits])
 
         updates: list[LowRankUpdate] = []

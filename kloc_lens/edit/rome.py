@@ -54,11 +54,11 @@ from torch import Tensor
 
 from kloc_lens.edit._errors import EditError, choice
 from kloc_lens.edit.apply import LowRankUpdate, WeightEdit
-from kloc_lens.edit.keys import ContextSpec, KeyToken, compute_key, generate_contexts
+from kloc_lens.edit.keys import ContextSpec, KeyToken, generate_contexts, key_rows, mean_at_keys
 from kloc_lens.edit.projection import Projection
 from kloc_lens.edit.request import EditRequest
 from kloc_lens.edit.stats import SecondMoment
-from kloc_lens.edit.value import Spread, ValueFit, ValueSpec, fit_value, kl_prompts
+from kloc_lens.edit.value import FitProblem, KeySpread, ValueFit, ValueSpec, fit_values, kl_prompts
 from kloc_lens.facts import Perspective
 from kloc_lens.model import check_model, model_identity
 
@@ -144,31 +144,14 @@ def rank_one_spread(
     projection: Projection,
     key: Float[Tensor, " d_in"],
     direction: Float[Tensor, " d_in"],
-) -> Spread:
+) -> KeySpread:
     """The factors ``(k . u) / (u . k*)`` a rank-one update applies to its value change at
     every token, as a :data:`~kloc_lens.edit.value.Spread` for :func:`fit_value`.
 
     The keys of the edited layer do not depend on the edit (they are read before its output),
     so one unedited forward pass up to ``layer`` gives the exact factors.
     """
-    scale = direction @ key
-
-    def spread(tokens: Tensor) -> Tensor:
-        seen: list[Tensor] = []
-
-        def capture(activation: Tensor, hook: Any) -> None:
-            seen.append(activation.detach())
-
-        with torch.no_grad():
-            model.run_with_hooks(
-                tokens,
-                fwd_hooks=[(projection.key_hook(layer), capture)],
-                stop_at_layer=layer + 1,
-            )
-        keys = seen[-1].reshape(*tokens.shape, -1).float()
-        return (keys @ direction.to(keys.device)) / scale
-
-    return spread
+    return KeySpread(model, layer, projection.key_hook(layer), direction, float(direction @ key))
 
 
 def _one_request(requests: EditRequest | Sequence[EditRequest]) -> EditRequest:
@@ -237,7 +220,35 @@ class RomeEditor:
             SpanError: A prompt lacks the key token's span (e.g. the subject).
             ModelError: The model is in train mode or lacks the hooks.
         """
-        request = _one_request(requests)
+        (edit,) = self.compute_each(model, [_one_request(requests)])
+        return edit
+
+    def compute_each(self, model: Any, requests: Sequence[EditRequest]) -> list[RankOneEdit]:
+        """One independent edit per request (each a ROME edit of its own fact, not a joint
+        edit of all), computed together: the keys of all requests in one forward, their value
+        fits in one batch (:func:`~kloc_lens.edit.value.fit_values`). Each edit equals
+        :meth:`compute` of its request up to float rounding of the larger batch. The fits are
+        compute-bound, so batching saves the per-call overhead more than the arithmetic: on
+        factworld, 16 edits take about 0.75 of the time of 16 calls of :meth:`compute`.
+
+        Args:
+            model: The hooked model (eval mode).
+            requests: The requests.
+
+        Returns:
+            One rank-one edit per request, in order.
+
+        Raises:
+            EditError: No requests, or as :meth:`compute` (the message names the subject).
+            SpanError: A prompt lacks the key token's span.
+            ModelError: The model is in train mode or lacks the hooks.
+        """
+        items = list(requests)
+        if not items:
+            raise EditError("no requests to edit")
+        for index, item in enumerate(items):
+            if not isinstance(item, EditRequest):
+                raise EditError(f"requests[{index}] is a {type(item).__name__}, not an EditRequest")
         projection = Projection(self.projection)
         key_token = KeyToken(self.key_token or KeyToken.SUBJECT_LAST)
         projection.weight(model, self.layer)
@@ -247,52 +258,69 @@ class RomeEditor:
         else:
             logger.info("no key statistics given: ROME falls back to C = I")
         contexts = generate_contexts(model, self.contexts)
-        objectives = request.objectives()
-        key = compute_key(
+        objectives = [request.objectives() for request in items]
+        rows = key_rows(
             model,
-            [objective.prompt for objective in objectives],
-            layer=self.layer,
-            projection=projection,
+            [[objective.prompt for objective in mine] for mine in objectives],
             key_token=key_token,
             contexts=contexts,
         )
-        if not bool(key.norm() > 0):
-            raise EditError(
-                f"the key of {request.fact.subject!r} is zero at layer {self.layer} "
-                f"({projection.value}): that projection reads nothing there"
-            )
+        keys = mean_at_keys(model, rows, projection.key_hook(self.layer), layer=self.layer)
         weight = projection.matrix(model, self.layer).float()
-        old_value = key @ weight
-        direction = solve_direction(key, self.stats, ridge=self.ridge)
-        alignment = float(direction @ key)
-        if not alignment > 1e-12 * float(direction.norm() * key.norm()):
-            raise EditError(
-                f"the key of {request.fact.subject!r} at layer {self.layer} is zero or "
-                "orthogonal to C^-1 k*; choose another layer or key token"
+        directions = []
+        for request, key in zip(items, keys, strict=True):
+            if not bool(key.norm() > 0):
+                raise EditError(
+                    f"the key of {request.fact.subject!r} is zero at layer {self.layer} "
+                    f"({projection.value}): that projection reads nothing there"
+                )
+            direction = solve_direction(key, self.stats, ridge=self.ridge)
+            alignment = float(direction @ key)
+            if not alignment > 1e-12 * float(direction.norm() * key.norm()):
+                raise EditError(
+                    f"the key of {request.fact.subject!r} at layer {self.layer} is zero or "
+                    "orthogonal to C^-1 k*; choose another layer or key token"
+                )
+            directions.append(direction)
+        problems = [
+            FitProblem(
+                tuple(mine),
+                kl_prompts(request, key_token, self.value.kl_templates),
+                rank_one_spread(model, self.layer, projection, key, direction)
+                if self.exact_fit
+                else None,
             )
-        fit = fit_value(
+            for request, mine, key, direction in zip(
+                items, objectives, keys, directions, strict=True
+            )
+        ]
+        fits = fit_values(
             model,
-            objectives,
-            kl_prompts(request, key_token, self.value.kl_templates),
+            problems,
             hook_name=projection.output_hook(self.layer),
             key_token=key_token,
             contexts=contexts,
             spec=self.value,
-            spread=rank_one_spread(model, self.layer, projection, key, direction)
-            if self.exact_fit
-            else None,
         )
-        return RankOneEdit(
-            model=model_identity(model),
-            layer=self.layer,
-            projection=projection,
-            key=key,
-            direction=direction,
-            value=old_value + fit.delta.to(old_value.device),
-            old_value=old_value,
-            request=request,
-            key_token=key_token,
-            stats_used=IDENTITY if self.stats is None else self.stats.describe(),
-            contexts=contexts,
-            fit=fit,
-        )
+        identity = model_identity(model)
+        stats_used = IDENTITY if self.stats is None else self.stats.describe()
+        edits = []
+        for request, key, direction, fit in zip(items, keys, directions, fits, strict=True):
+            old_value = key @ weight
+            edits.append(
+                RankOneEdit(
+                    model=identity,
+                    layer=self.layer,
+                    projection=projection,
+                    key=key,
+                    direction=direction,
+                    value=old_value + fit.delta.to(old_value.device),
+                    old_value=old_value,
+                    request=request,
+                    key_token=key_token,
+                    stats_used=stats_used,
+                    contexts=contexts,
+                    fit=fit,
+                )
+            )
+        return edits

@@ -57,7 +57,17 @@ from kloc_lens.edit.keys import KeyToken, key_position, with_context
 from kloc_lens.edit.request import EditRequest, Objective
 from kloc_lens.facts import Prompt, check_template, format_template, tokenize
 
-__all__ = ["Spread", "ValueFit", "ValueSpec", "fit_value", "frozen", "kl_prompts"]
+__all__ = [
+    "FitProblem",
+    "KeySpread",
+    "Spread",
+    "ValueFit",
+    "ValueSpec",
+    "fit_value",
+    "fit_values",
+    "frozen",
+    "kl_prompts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +258,73 @@ def _rows(
     return rows
 
 
+@dataclass(frozen=True, eq=False)
+class KeySpread:
+    """A :data:`Spread` read from the keys of one layer: the factor at each token is
+    ``(k . direction) / scale`` with ``k`` the activation of ``key_hook`` there (a rank-one
+    update's spill, :func:`~kloc_lens.edit.rome.rank_one_spread`).
+
+    The keys do not depend on a change made at or after their own block, so one unedited
+    forward up to ``layer`` gives the exact factors; :func:`fit_values` reads the factors of
+    several key spreads of one hook in a single forward.
+
+    Attributes:
+        model: The hooked model.
+        layer: The block ``key_hook`` belongs to (the forward stops after it).
+        key_hook: Where the keys are read, e.g. ``"blocks.1.mlp.hook_post"``.
+        direction: ``u``.
+        scale: ``u . k*``.
+    """
+
+    model: Any
+    layer: int
+    key_hook: str
+    direction: Float[Tensor, " d_in"]
+    scale: float
+
+    def keys(self, tokens: Tensor) -> Tensor:
+        """The keys at every token of ``tokens``, ``[batch, pos, d_in]`` in float32."""
+        seen: list[Tensor] = []
+
+        def capture(activation: Tensor, hook: Any) -> None:
+            seen.append(activation.detach())
+
+        with torch.no_grad():
+            self.model.run_with_hooks(
+                tokens, fwd_hooks=[(self.key_hook, capture)], stop_at_layer=self.layer + 1
+            )
+        if not seen:
+            raise EditError(f"hook {self.key_hook!r} did not fire")
+        return seen[-1].reshape(*tokens.shape, -1).float()
+
+    def factors(self, keys: Tensor) -> Tensor:
+        """``(k . direction) / scale`` for keys ``[..., d_in]``."""
+        return (keys @ self.direction.to(keys.device).float()) / self.scale
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        return self.factors(self.keys(tokens))
+
+
+@dataclass(frozen=True)
+class FitProblem:
+    """One value change to fit: the objectives of one request, its KL prompts and its spread.
+
+    :func:`fit_values` fits several at once in one batch; each keeps its own change, loss,
+    early stop and clamp, so the fits are those of :func:`fit_value` run one by one (up to
+    float rounding of the larger batch).
+
+    Attributes:
+        objectives: Prompts and targets (:meth:`EditRequest.objectives`).
+        kl: Prompts whose next-token distribution should stay (:func:`kl_prompts`).
+        spread: How much of the change reaches each token (see :func:`fit_value`); ``None``:
+            the key token only.
+    """
+
+    objectives: tuple[Objective, ...]
+    kl: tuple[Prompt, ...] = ()
+    spread: Spread | None = None
+
+
 def fit_value(
     model: Any,
     objectives: Sequence[Objective],
@@ -283,14 +360,64 @@ def fit_value(
         EditError: A target is empty or unknown to the tokenizer; no objective has a target.
         SpanError: A prompt lacks the key token's span.
     """
+    problem = FitProblem(tuple(objectives), tuple(kl), spread)
+    (fit,) = fit_values(
+        model, [problem], hook_name=hook_name, key_token=key_token, contexts=contexts, spec=spec
+    )
+    return fit
+
+
+def fit_values(
+    model: Any,
+    problems: Sequence[FitProblem],
+    *,
+    hook_name: str,
+    key_token: KeyToken | str = KeyToken.SUBJECT_LAST,
+    contexts: Sequence[str] = ("",),
+    spec: ValueSpec | None = None,
+) -> list[ValueFit]:
+    """:func:`fit_value` for several problems at once: one batch, one forward and backward
+    per step for all of them.
+
+    The loss is the sum of the problems' losses, so each change gets the gradient of its own
+    loss; Adam works elementwise, so each change follows the steps it would take alone. A
+    problem whose loss falls below ``stop_loss`` keeps its change from then on while the others
+    go on; each is clamped against its own initial activation and checked for convergence on
+    its own. On a small model most of a step's time is per-forward overhead, so fitting many
+    edits together is several times faster than fitting them one by one.
+
+    Args:
+        model: The hooked model (in eval mode; it is not changed).
+        problems: The fits (:class:`FitProblem`), e.g. one per request.
+        hook_name: Where the changes are added (see :func:`fit_value`).
+        key_token: The token each change is added at.
+        contexts: Prefixes of the objective prompts (``""`` is the bare prompt).
+        spec: Hyperparameters shared by all (default :class:`ValueSpec()`).
+
+    Returns:
+        One fit per problem, in order.
+
+    Raises:
+        EditError: No problems; a target is empty or unknown to the tokenizer; a problem has no
+            target; a loss turns non-finite; a change that reaches no prediction.
+        SpanError: A prompt lacks the key token's span.
+    """
     spec = spec or ValueSpec()
     key_token = choice(KeyToken, key_token, "key_token")
     if not contexts:
         raise EditError("no contexts (include '' for the bare prompt)")
-    rows = _rows(model, objectives, kl, key_token, contexts)
-    rewrite = [i for i, row in enumerate(rows) if row.kind != "kl"]
-    if not rewrite:
-        raise EditError("no objective has a target to increase or decrease")
+    if not problems:
+        raise EditError("no value fits to run (problems is empty)")
+    rows: list[_Row] = []
+    problem_of_row: list[int] = []
+    for index, problem in enumerate(problems):
+        mine = _rows(model, problem.objectives, problem.kl, key_token, contexts)
+        if not any(row.kind != "kl" for row in mine):
+            raise EditError(
+                f"no objective of value fit {index} has a target to increase or decrease"
+            )
+        rows.extend(mine)
+        problem_of_row.extend([index] * len(mine))
     n_ctx = getattr(model.cfg, "n_ctx", None)
     longest = max(rows, key=lambda row: len(row.tokens))
     if isinstance(n_ctx, int) and len(longest.tokens) > n_ctx:
@@ -298,29 +425,47 @@ def fit_value(
             f"a rewrite prompt with its context and target is {len(longest.tokens)} tokens long, "
             f"more than the model's context of n_ctx={n_ctx}; use shorter contexts or prompts"
         )
-    # Rows that feed the model the same tokens (an increase and a decrease target of one token
-    # each after the same prompt) share one sequence of the batch.
-    sequences: dict[tuple[tuple[int, ...], int], int] = {}
+    n_problems = len(problems)
+    # Rows of one problem that feed the model the same tokens (an increase and a decrease
+    # target of one token each after the same prompt) share one sequence of the batch.
+    sequences: dict[tuple[int, tuple[int, ...], int], int] = {}
     sequence_of = [
-        sequences.setdefault((tuple(row.tokens), row.key), len(sequences)) for row in rows
+        sequences.setdefault((p, tuple(row.tokens), row.key), len(sequences))
+        for p, row in zip(problem_of_row, rows, strict=True)
     ]
     unique = list(sequences)
-    batch = pad_rows(model, [list(tokens) for tokens, _ in unique])
+    batch = pad_rows(model, [list(tokens) for _, tokens, _ in unique])
     device = device_of(model)
     n_sequences, width = batch.tokens.shape
     n_rows = len(rows)
+    seq_problem = torch.tensor([p for p, _, _ in unique], device=device)
+    key_index = torch.tensor([key for _, _, key in unique], device=device)
     key_mask = torch.zeros(n_sequences, width, device=device)
-    key_index = torch.tensor([key for _, key in unique], device=device)
     key_mask[torch.arange(n_sequences, device=device), key_index] = 1.0
-    if spread is not None:
-        factors = spread(batch.tokens).detach().to(device=device, dtype=torch.float32)
-        if factors.shape != key_mask.shape:
+    shared = [problem.spread for problem in problems if isinstance(problem.spread, KeySpread)]
+    one_read = len(shared) > 1 and len({(k.layer, k.key_hook, id(k.model)) for k in shared}) == 1
+    if one_read:
+        # One forward reads the keys of every sequence; each problem applies its own direction.
+        keys = shared[0].keys(batch.tokens)
+        for index, problem in enumerate(problems):
+            if isinstance(problem.spread, KeySpread):
+                mine = [s for s, (p, _, _) in enumerate(unique) if p == index]
+                key_mask[mine] = problem.spread.factors(keys[mine]).to(device)
+    for index, problem in enumerate(problems):
+        if problem.spread is None or (one_read and isinstance(problem.spread, KeySpread)):
+            continue
+        mine = [s for s, (p, _, _) in enumerate(unique) if p == index]
+        own = batch.tokens[mine][:, : max(len(unique[s][1]) for s in mine)]
+        factors = problem.spread(own).detach().to(device=device, dtype=torch.float32)
+        if factors.shape != own.shape:
             raise EditError(
                 f"spread returned factors of shape {tuple(factors.shape)} for a batch of shape "
-                f"{tuple(key_mask.shape)}"
+                f"{tuple(own.shape)}"
             )
-        key_mask = factors
-    rewrite_index = torch.tensor(sorted({sequence_of[i] for i in rewrite}), device=device)
+        key_mask[mine] = 0.0
+        key_mask[mine, : own.shape[1]] = factors
+    rewrite_seqs = sorted({sequence_of[i] for i, row in enumerate(rows) if row.kind != "kl"})
+    rewrite_index = torch.tensor(rewrite_seqs, device=device)
 
     flat_rows: list[int] = []
     flat_pos: list[int] = []
@@ -334,113 +479,149 @@ def fit_value(
     read_pos = torch.tensor(flat_pos, device=device)
     read_owner = torch.tensor(owner, device=device)
     read_target = torch.tensor([t for row in rows for t in row.targets], device=device)
-    kinds = [rows[i].kind for i in owner]
-    inc = torch.tensor([k == "increase" for k in kinds], device=device)
-    dec = torch.tensor([k == "decrease" for k in kinds], device=device)
-    kl_read = torch.tensor([k == "kl" for k in kinds], device=device)
-    inc_rows = [i for i, r in enumerate(rows) if r.kind == "increase"]
-    dec_rows = [i for i, r in enumerate(rows) if r.kind == "decrease"]
+    row_problem = torch.tensor(problem_of_row, device=device)
+    kinds = [row.kind for row in rows]
+    is_inc = torch.tensor([k == "increase" for k in kinds], device=device)
+    is_dec = torch.tensor([k == "decrease" for k in kinds], device=device)
+    kl_read = torch.tensor([rows[i].kind == "kl" for i in owner], device=device)
+
+    def per_problem_mean(values: Tensor, mask: Tensor) -> Tensor:
+        """Mean of ``values`` over each problem's rows in ``mask`` (0 where it has none)."""
+        where = row_problem[mask]
+        total = torch.zeros(n_problems, device=device).index_add(0, where, values[mask])
+        count = torch.zeros(n_problems, device=device).index_add(
+            0, where, torch.ones_like(values[mask])
+        )
+        return total / count.clamp(min=1)
 
     d_model = int(model.cfg.d_model)
-    delta = torch.zeros(d_model, device=device, dtype=torch.float32, requires_grad=True)
+    delta = torch.zeros(n_problems, d_model, device=device, dtype=torch.float32)
+    delta.requires_grad_(True)
     optimizer = torch.optim.Adam([delta], lr=spec.lr)
     initial: list[Tensor] = []
+    lengths = torch.tensor(batch.lengths, device=device)
+    read_problem = row_problem[read_owner]
 
-    def add_delta(activation: Tensor, hook: Any) -> Tensor:
-        if not initial:
-            at_key = activation[rewrite_index, key_index[rewrite_index]]
-            initial.append(at_key.detach().float().mean(dim=0))
-        return activation + key_mask[..., None].to(activation.dtype) * delta.to(activation.dtype)
-
-    losses: list[float] = []
-    nlls: list[float] = []
-    unlikely: list[float] = []
-    kls: list[float] = []
+    history: list[list[tuple[float, float, float, float]]] = [[] for _ in problems]
+    active = torch.ones(n_problems, dtype=torch.bool, device=device)
+    stopped = [False] * n_problems
+    updates = [0] * n_problems
     kl_init: Tensor | None = None
-    stopped = False
-    updates = 0
     with frozen(model):
         for step in range(spec.steps + 1):
-            logits = model.run_with_hooks(batch.tokens, fwd_hooks=[(hook_name, add_delta)])
-            log_probs = logits[read_rows, read_pos].float().log_softmax(dim=-1)
-            picked = log_probs.gather(-1, read_target.clamp(min=0)[:, None])[:, 0]
-            zero = torch.zeros((), device=device)
-            per_row = torch.zeros(n_rows, device=device).index_add(0, read_owner, picked)
+            # Only the sequences of problems still fitting run (a stopped one keeps its change).
+            seqs = active[seq_problem].nonzero()[:, 0]
+            remap = torch.full((n_sequences,), -1, dtype=torch.long, device=device)
+            remap[seqs] = torch.arange(len(seqs), device=device)
+            tokens = batch.tokens[seqs, : int(lengths[seqs].max())]
+            mask = key_mask[seqs, : tokens.shape[1], None]
+            owners = seq_problem[seqs]
+
+            def add_delta(activation: Tensor, hook: Any) -> Tensor:
+                if not initial:  # the first pass runs every sequence, unchanged
+                    at_key = activation[rewrite_index, key_index[rewrite_index]].detach().float()
+                    sums = torch.zeros(n_problems, at_key.shape[-1], device=device)
+                    sums.index_add_(0, seq_problem[rewrite_index], at_key)
+                    count = torch.bincount(seq_problem[rewrite_index], minlength=n_problems)
+                    initial.append(sums / count.clamp(min=1)[:, None])
+                change = mask * delta[owners][:, None, :]  # noqa: B023 (used in this step)
+                return activation + change.to(activation.dtype)
+
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, add_delta)])
+            live = active[read_problem]
+            log_probs = logits[remap[read_rows[live]], read_pos[live]].float().log_softmax(-1)
+            picked = log_probs.gather(-1, read_target[live].clamp(min=0)[:, None])[:, 0]
+            per_row = torch.zeros(n_rows, device=device).index_add(0, read_owner[live], picked)
             counts = torch.zeros(n_rows, device=device).index_add(
-                0, read_owner, torch.ones_like(picked)
+                0, read_owner[live], torch.ones_like(picked)
             )
-            nll = zero
-            if inc.any():
-                rows_inc = torch.tensor(inc_rows, device=device)
-                nll = -(per_row[rows_inc] / counts[rows_inc]).mean()
-            unlikelihood = zero
-            if dec.any():
-                rows_dec = torch.tensor(dec_rows, device=device)
-                p_seq = per_row[rows_dec].exp().clamp(max=1.0 - 1e-6)
-                unlikelihood = -torch.log1p(-p_seq).mean()
-            kl_term = zero
-            if kl_read.any():
-                current = log_probs[kl_read]
-                if kl_init is None:
+            mean_logp = per_row / counts.clamp(min=1)
+            nll = -per_problem_mean(mean_logp, is_inc)
+            p_seq = per_row.exp().clamp(max=1.0 - 1e-6)  # the whole target's probability
+            unlikelihood = per_problem_mean(-torch.log1p(-p_seq), is_dec)
+            kl_term = torch.zeros(n_problems, device=device)
+            live_kl = live & kl_read
+            if bool(live_kl.any()):
+                current = log_probs[kl_read[live]]
+                if kl_init is None:  # the first pass: every KL read, no change yet
                     kl_init = current.detach()
-                kl_term = (current.exp() * (current - kl_init)).sum(-1).mean()
-            scale = initial[0].norm().clamp(min=1e-12)
-            decay = spec.weight_decay * delta.norm() / scale**2
+                reference = kl_init[live_kl[kl_read]] if kl_init is not None else current
+                divergence = (current.exp() * (current - reference)).sum(-1)
+                where = read_problem[live_kl]
+                total = torch.zeros(n_problems, device=device).index_add(0, where, divergence)
+                kl_term = total / torch.bincount(where, minlength=n_problems).clamp(min=1)
+            scale = initial[0].norm(dim=-1).clamp(min=1e-12)
+            decay = spec.weight_decay * delta.norm(dim=-1) / scale**2
             loss = nll + spec.decrease_weight * unlikelihood + spec.kl_factor * kl_term + decay
-            losses.append(float(loss.detach()))
-            nlls.append(float(nll.detach()))
-            unlikely.append(float(unlikelihood.detach()))
-            kls.append(float(kl_term.detach()))
-            if not math.isfinite(losses[-1]):
-                raise EditError(
-                    f"the value fit at {hook_name} reached a {losses[-1]} loss at step {step} "
-                    f"(NLL {nlls[-1]}, unlikelihood {unlikely[-1]}, KL {kls[-1]}): the model's "
-                    "activations or logits are not finite; check the model's weights"
-                )
-            if losses[-1] < spec.stop_loss:
-                stopped = True
+            numbers = torch.stack([loss, nll, unlikelihood, kl_term], dim=-1).detach().tolist()
+            for index in active.nonzero()[:, 0].tolist():
+                total_loss, n, u, k = numbers[index]
+                history[index].append((total_loss, n, u, k))
+                if not math.isfinite(total_loss):
+                    raise EditError(
+                        f"the value fit at {hook_name} reached a {total_loss} loss at step "
+                        f"{step} (NLL {n}, unlikelihood {u}, KL {k}): the model's "
+                        "activations or logits are not finite; check the model's weights"
+                    )
+                if total_loss < spec.stop_loss:
+                    stopped[index] = True
+            fitting = active & ~torch.tensor(stopped, device=device)
+            if step == spec.steps or not bool(fitting.any()):
                 break
-            if step == spec.steps:
-                break
-            (grad,) = torch.autograd.grad(loss, [delta])
-            if step == 0 and not bool(grad.abs().sum() > 0):
-                raise EditError(
-                    f"a change at {hook_name} at the {key_token.value} token does not reach the "
-                    "predictions of the objectives (no attention reads that token later?); "
-                    "choose a lower layer or another key token"
-                )
+            (grad,) = torch.autograd.grad(loss[fitting].sum(), [delta])
+            if step == 0:
+                dead = [
+                    i for i in fitting.nonzero()[:, 0].tolist() if not bool(grad[i].abs().sum() > 0)
+                ]
+                if dead:
+                    raise EditError(
+                        f"a change at {hook_name} at the {key_token.value} token does not reach "
+                        "the predictions of the objectives (no attention reads that token "
+                        "later?); choose a lower layer or another key token"
+                        + (f" (value fits {dead})" if n_problems > 1 else "")
+                    )
+            active = fitting
+            kept = delta.detach()[~active].clone()
             delta.grad = grad
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            updates += 1
             with torch.no_grad():
+                delta[~active] = kept
                 limit = spec.clamp * scale
-                norm = delta.norm()
-                if norm > limit:
-                    delta.mul_(limit / norm)
-    rewrite_loss = nlls[-1] + spec.decrease_weight * unlikely[-1]
-    converged = rewrite_loss <= spec.converge_factor * spec.stop_loss
-    if not converged:
-        logger.warning(
-            "the value fit at %s did not converge: its rewrite loss (NLL + unlikelihood) is "
-            "%.4g after %d steps, more than %g x the stop loss %g; the edit is unlikely to hold "
-            "(more steps, a higher lr or another layer may help)",
-            hook_name,
-            rewrite_loss,
-            updates,
-            spec.converge_factor,
-            spec.stop_loss,
+                norm = delta.norm(dim=-1)
+                over = active & (norm > limit)
+                delta[over] *= (limit[over] / norm[over])[:, None]
+            for index in active.nonzero()[:, 0].tolist():
+                updates[index] += 1
+    fits = []
+    for index in range(n_problems):
+        losses, nlls, unlikely, kls = (tuple(x) for x in zip(*history[index], strict=True))
+        rewrite_loss = nlls[-1] + spec.decrease_weight * unlikely[-1]
+        converged = rewrite_loss <= spec.converge_factor * spec.stop_loss
+        if not converged:
+            logger.warning(
+                "the value fit at %s did not converge: its rewrite loss (NLL + unlikelihood) is "
+                "%.4g after %d steps, more than %g x the stop loss %g; the edit is unlikely to "
+                "hold (more steps, a higher lr or another layer may help)",
+                hook_name,
+                rewrite_loss,
+                updates[index],
+                spec.converge_factor,
+                spec.stop_loss,
+            )
+        fits.append(
+            ValueFit(
+                hook=hook_name,
+                delta=delta[index].detach().clone(),
+                initial=initial[0][index],
+                losses=losses,
+                nll=nlls,
+                unlikelihood=unlikely,
+                kl=kls,
+                updates=updates[index],
+                stopped_early=stopped[index],
+                spread=problems[index].spread is not None,
+                converged=converged,
+            )
         )
-    return ValueFit(
-        hook=hook_name,
-        delta=delta.detach().clone(),
-        initial=initial[0],
-        losses=tuple(losses),
-        nll=tuple(nlls),
-        unlikelihood=tuple(unlikely),
-        kl=tuple(kls),
-        updates=updates,
-        stopped_early=stopped,
-        spread=spread is not None,
-        converged=converged,
-    )
+    return fits
