@@ -58,3 +58,65 @@ def test_damaged_units_are_named(tmp_path):
     path.write_text("{broken")
     with pytest.raises(StudyError, match="is not JSON"):
         store.read_json("k", key)
+
+
+def _grouped(store, shard, keys, groups, calls):
+    from kloc_lens.study.run import _Units
+
+    def compute(group):
+        calls.append(list(group))
+        return [{"unit": i, "company": list(group)} for i in group]
+
+    units = _Units(store, shard, progress=False)
+    results = units.run_groups(
+        "g",
+        keys,
+        groups,
+        compute,
+        ext="json",
+        save=lambda key, data: store.write_json("g", key, data),
+        load=lambda key: store.read_json("g", key),
+        desc="groups",
+    )
+    return units, results
+
+
+def test_groups_are_computed_whole_in_the_plans_company(tmp_path, monkeypatch):
+    """A group with one unit missing is computed whole, with the company the plan gave it;
+    its units on disk stay; groups done are not recomputed; shards split groups, not units."""
+    from kloc_lens.study.run import Shard
+
+    store = UnitStore(tmp_path)
+    keys = [unit_key("g", {"i": i}) for i in range(7)]
+    groups = [[0, 1, 2], [3, 4, 5], [6]]
+    calls: list[list[int]] = []
+    _, first = _grouped(store, Shard(), keys, groups, calls)
+    assert calls == groups
+    assert [r["company"] for r in first] == [g for g in groups for _ in g]
+
+    (store.path("g", keys[4], "json")).write_text('{"unit": 4, "company": "on disk"}')
+    store.path("g", keys[5], "json").unlink()
+    calls.clear()
+    units, again = _grouped(store, Shard(), keys, groups, calls)
+    assert calls == [[3, 4, 5]]  # only the group with a unit missing, and all of it
+    assert again[4]["company"] == "on disk"  # what was on disk is kept
+    assert again[5]["company"] == [3, 4, 5]
+    assert (units.computed, units.found) == (1, 6)
+
+    for key in keys:
+        store.path("g", key, "json").unlink()
+    calls.clear()
+    monkeypatch.setattr(Shard, "barrier", lambda self: None)  # no process group here
+    with pytest.raises(StudyError, match="is not in"):  # rank 0's units never come here
+        _grouped(store, Shard(rank=1, world=2), keys, groups, calls)
+    assert calls == [[3, 4, 5]]  # rank 1 of 2: every other group
+
+
+def test_groups_must_cover_the_units_once(tmp_path):
+    store = UnitStore(tmp_path)
+    keys = [unit_key("g", {"i": i}) for i in range(3)]
+    from kloc_lens.study.run import Shard
+
+    for groups in ([[0, 1]], [[0, 1], [1, 2]]):
+        with pytest.raises(ValueError, match="the groups must cover each of the 3 units once"):
+            _grouped(store, Shard(), keys, groups, [])

@@ -147,6 +147,11 @@ def _facts_id(facts: Sequence[Fact]) -> str:
 # The output directory.
 
 
+# Edits per batched value fit in the editing phase (RomeEditor.compute_each): enough to save
+# most of the per-call overhead on a small model, few enough that one batch of a large model's
+# fits (each of ~20 contexts x 2 sequences) stays in memory.
+_EDIT_CHUNK = 8
+
 _OUTPUTS = {MANIFEST, "units", "results.json", "report.html", "tensors", "edit_scores.json"}
 
 
@@ -231,26 +236,64 @@ class _Units:
         load: Callable[[str], T],
         desc: str,
     ) -> list[T]:
+        return self.run_groups(
+            kind,
+            keys,
+            [[i] for i in range(len(keys))],
+            lambda group: [compute(i) for i in group],
+            ext=ext,
+            save=save,
+            load=load,
+            desc=desc,
+        )
+
+    def run_groups(
+        self,
+        kind: str,
+        keys: Sequence[str],
+        groups: Sequence[Sequence[int]],
+        compute: Callable[[Sequence[int]], list[Any]],
+        *,
+        ext: str,
+        save: Callable[[str, Any], object],
+        load: Callable[[str], T],
+        desc: str,
+    ) -> list[T]:
+        """Units computed a group at a time (``compute(group)`` returns one result per index).
+
+        The groups are fixed by the caller's plan, never by what is on disk: a group with any
+        unit missing is computed whole (its units on disk are left as they are), so a resumed
+        or sharded run computes every unit in the same company as a fresh one, and batched
+        arithmetic gives the same numbers.
+        """
+        if sorted(i for group in groups for i in group) != list(range(len(keys))):
+            raise ValueError(f"{kind}: the groups must cover each of the {len(keys)} units once")
         done = [self.store.has(kind, key, ext) for key in keys]
         # Every rank must split the same list: none may write a unit of this phase before all
         # have looked at the disk (a rank that saw a unit another had just written would shift
         # its share, and some unit would be left to nobody).
         self.shard.barrier()
-        todo = [i for i, ok in enumerate(done) if not ok]
-        self.found += len(keys) - len(todo)
+        todo = [group for group in groups if not all(done[i] for i in group)]
+        missing = sum(not done[i] for group in todo for i in group)
+        self.found += len(keys) - missing
         mine = self.shard.mine(todo)
         bar = tqdm(
             total=len(keys),
-            initial=len(keys) - len(todo),
+            initial=len(keys) - missing,
             desc=desc,
             disable=not self.progress or self.shard.rank != 0,
             unit="unit",
         )
         with bar:
-            for i in mine:
-                save(keys[i], compute(i))
-                self.computed += 1
-                bar.update(self.shard.world)
+            for group in mine:
+                results = compute(group)
+                if len(results) != len(group):
+                    raise ValueError(f"{kind}: {len(results)} results for {len(group)} units")
+                for i, result in zip(group, results, strict=True):
+                    if not done[i]:
+                        save(keys[i], result)
+                        self.computed += 1
+                        bar.update(self.shard.world)
         self.shard.barrier()
         return [load(key) for key in keys]
 
@@ -585,16 +628,36 @@ def _edit(
 
     keys = [key(layer, request) for layer, request in plan]
 
-    def compute(i: int) -> dict[str, Any]:
-        layer, request = plan[i]
-        rome, _ = editor(layer)
-        edit = rome.compute(model, request)
-        evaluation = evaluate_edit(model, edit, request)
-        return evaluation.facts[0].as_dict()
+    # Edits of one layer are computed a chunk of the plan at a time (their keys in one
+    # forward, their value fits in one batch); the chunks are fixed by the plan alone.
+    groups: list[list[int]] = []
+    for i, (layer, _) in enumerate(plan):
+        if groups and plan[groups[-1][0]][0] == layer and len(groups[-1]) < _EDIT_CHUNK:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+
+    def compute(group: Sequence[int]) -> list[dict[str, Any]]:
+        rome, _ = editor(plan[group[0]][0])
+        batch = [plan[i][1] for i in group]
+        edits = rome.compute_each(model, batch)
+        return [
+            evaluate_edit(model, edit, request).facts[0].as_dict()
+            for edit, request in zip(edits, batch, strict=True)
+        ]
 
     evaluations = [
         FactEvaluation.from_dict(data)
-        for data in units.json("edit", keys, compute, "edits (layer sweep and chosen layer)")
+        for data in units.run_groups(
+            "edit",
+            keys,
+            groups,
+            compute,
+            ext="json",
+            save=lambda key, data: units.store.write_json("edit", key, data),
+            load=lambda key: units.store.read_json("edit", key),
+            desc="edits (layer sweep and chosen layer)",
+        )
     ]
     by_layer: dict[int, list[FactEvaluation]] = {}
     for (layer, _), evaluation in zip(plan, evaluations, strict=True):
