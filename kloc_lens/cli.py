@@ -307,7 +307,9 @@ def study(
 
     ``options`` are :class:`~kloc_lens.study.StudyConfig` fields; those left ``None`` take the
     defaults. On a factworld the "no relation" answer is the world's, the key statistics are
-    read over the world's biographies, and the report says how the model was trained.
+    read over the world's biographies, edits average keys over
+    :data:`~kloc_lens.factworld.EDIT_CONTEXTS` contexts per length, and the report says how the
+    model was trained.
     """
     from kloc_lens.engine import ExecutionOptions
     from kloc_lens.study import StudyConfig, run_study
@@ -316,9 +318,10 @@ def study(
     given = {key: value for key, value in options.items() if value is not None}
     extra: dict[str, Any] = {}
     if world is not None:
-        from kloc_lens.factworld import NONE_ANSWER, describe_factworld
+        from kloc_lens.factworld import EDIT_CONTEXTS, NONE_ANSWER, describe_factworld
 
         given.setdefault("none_target", NONE_ANSWER)
+        given.setdefault("edit_contexts", EDIT_CONTEXTS)
         corpus = list(world.corpus())
         extra = {
             "corpus": corpus,
@@ -497,7 +500,8 @@ def _parser() -> argparse.ArgumentParser:
         "--edit-contexts",
         type=_count,
         default=None,
-        help="generated contexts per length for keys; 0 = bare prompt (default: ROME's 10)",
+        help="generated contexts per length (5, 10 tokens) for keys and value fits, besides "
+        "the bare prompt; 0 = bare prompt only (default: ROME's 10; 3 on a factworld model)",
     )
     cmd.add_argument(
         "--n-queries",

@@ -42,7 +42,7 @@ from kloc_lens.factworld.build import (
     load_factworld,
 )
 from kloc_lens.factworld.documents import DocumentConfig, biographies
-from kloc_lens.factworld.editing import EDIT_LAYER, rome_editor
+from kloc_lens.factworld.editing import EDIT_CONTEXTS, EDIT_LAYER, rome_editor
 from kloc_lens.factworld.tokenizer import build_tokenizer, check_tokenizer
 from kloc_lens.factworld.train import (
     Accuracy,
@@ -68,6 +68,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_TRAIN",
     "DEFAULT_WORLD",
+    "EDIT_CONTEXTS",
     "EDIT_LAYER",
     "NONE_ANSWER",
     "SHIPPED_SEED",

@@ -39,8 +39,11 @@ class StudyConfig:
             the MLP-window peak at the last subject token).
         edit_steps: Cap on the value fit's steps; ``None`` keeps the editor's default (ROME's
             20). The fit stops once its loss is met.
-        edit_contexts: Generated contexts per length that keys are averaged over; ``None`` keeps
-            the editor's default (ROME's 10); 0 reads keys from the bare prompt.
+        edit_contexts: Generated contexts per length (5 and 10 tokens) that keys are averaged
+            over and the value is fitted in, besides the bare prompt; ``None`` keeps the
+            editor's default (ROME's 10, 21 prompts in all); 0 reads keys from the bare prompt.
+            ``kloc-lens study`` on a factworld model takes
+            :data:`~kloc_lens.factworld.EDIT_CONTEXTS` (3), measured there.
         none_target: The relation-perspective answer meaning "no relation" (the study's
             ``"None"``).
         n_bootstrap: Resamples of every bootstrap interval.
