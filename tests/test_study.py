@@ -110,6 +110,41 @@ def test_editing_half(study):
         "Entity edits reach 100% (95% CI 100-100, n=2) efficacy"
         in (out / "report.html").read_text()
     )
+    # every edit was checked for collapse, and none of these small updates is disabling
+    assert len(editing.collapse) == 4 and not any(c.disabling for c in editing.collapse)
+    assert all(0 < c.update_ratio < 1 for c in editing.collapse)
+    assert summary["collapse"]["checked"] == 4 and summary["collapse"]["n_disabling"] == 0
+    assert "None of the 4 edits at layer 1 was disabling" in (out / "report.html").read_text()
+
+
+def test_disabling_edits_are_counted_and_left_out_of_the_numbers(planted, tmp_path, monkeypatch):
+    """With a guard strict enough to flag some of the planted edits, the flagged ones stay in
+    the per-fact scores but leave the metrics, and the report counts them."""
+    import kloc_lens.study.run as run
+    from kloc_lens.edit.guard import CollapseThresholds
+
+    first = _run(planted, tmp_path / "a").editing
+    ratios = sorted(c.update_ratio for c in first.collapse)
+    limit = (ratios[1] + ratios[2]) / 2  # the two largest updates pass it
+    monkeypatch.setattr(run, "CollapseThresholds", lambda: CollapseThresholds(update_ratio=limit))
+    result = _run(planted, tmp_path / "b")
+    editing = result.editing
+    flagged = [c.update_ratio > limit for c in editing.collapse]
+    assert flagged == [c.disabling for c in editing.collapse] and sum(flagged) == 2
+    kept = [f for f, bad in zip(editing.evaluation.facts, flagged, strict=True) if not bad]
+    for perspective, by_metric in editing.metrics.items():
+        n_kept = sum(1 for f in kept if f.edited.value == perspective)
+        assert by_metric["efficacy"]["post"].n == n_kept
+    assert len(editing.kept.facts) == 2 and len(editing.evaluation.facts) == 4
+    summary = result.summary()["editing"]["collapse"]
+    assert summary["n_disabling"] == 2 and len(summary["disabling"]) == 2
+    assert summary["thresholds"]["update_ratio"] == limit
+    page = (tmp_path / "b" / "report.html").read_text()
+    assert "2 of 4 edits at layer 1 were disabling and are left out of the numbers above" in page
+    scores = json.loads((tmp_path / "b" / "tensors" / "edit_scores.json").read_text())
+    assert [item["collapse"]["disabling"] for item in scores] == flagged
+    back = load_study(tmp_path / "b")
+    assert back.summary() == json.loads(json.dumps(result.summary()))
 
 
 def test_relation_corruption_does_not_matter_to_the_planted_model(study):

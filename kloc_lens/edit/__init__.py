@@ -78,7 +78,7 @@ from kloc_lens.edit.projection import Projection
 from kloc_lens.edit.request import EditRequest, Objective
 from kloc_lens.edit.rome import RankOneEdit, RomeEditor
 from kloc_lens.edit.stats import SecondMoment, load_second_moment, second_moment
-from kloc_lens.edit.value import ValueFit, ValueSpec, fit_value
+from kloc_lens.edit.value import FitProblem, KeySpread, ValueFit, ValueSpec, fit_value, fit_values
 
 __all__ = [
     "CommittedEdit",
@@ -90,6 +90,8 @@ __all__ = [
     "EditRequest",
     "Editor",
     "FactEvaluation",
+    "FitProblem",
+    "KeySpread",
     "KeyToken",
     "LowRankEdit",
     "LowRankUpdate",
@@ -112,6 +114,7 @@ __all__ = [
     "evaluate_edit",
     "evaluate_editor",
     "fit_value",
+    "fit_values",
     "generate_contexts",
     "load_second_moment",
     "planted_corpus",

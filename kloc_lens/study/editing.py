@@ -19,6 +19,7 @@ perspective, headline metric per evaluated side).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from kloc_lens.edit.evaluate import HEADLINE, EditEvaluation, EditMetric, FactEvaluation
+from kloc_lens.edit.guard import CollapseCheck, CollapseThresholds
 from kloc_lens.facts import Perspective
 from kloc_lens.intervals import Estimate, bootstrap
 
@@ -95,6 +97,14 @@ class Editing:
         metrics: :func:`metric_estimates` of those edits.
         layer_sweep: Per layer of the sweep, :func:`metric_estimates` of the sweep's facts.
         sweep_facts: Facts per perspective in the sweep.
+        collapse: The collapse guard's check of each edit of ``evaluation``, in order
+            (:func:`~kloc_lens.edit.guard.check_collapse`; empty: not checked).
+        thresholds: The guard's thresholds.
+        sweep_disabling: Per layer of the sweep, how many of its edits were disabling.
+
+    Disabling edits are kept in ``evaluation`` and ``edit_scores.json``, flagged, and left out
+    of ``metrics``, ``layer_sweep`` and the figures: a broken model's scores are not averaged
+    into the editor's.
     """
 
     choice: LayerChoice
@@ -104,6 +114,25 @@ class Editing:
     metrics: dict[str, dict[str, dict[str, Estimate]]]
     layer_sweep: dict[int, dict[str, dict[str, dict[str, Estimate]]]]
     sweep_facts: int
+    collapse: tuple[CollapseCheck, ...] = ()
+    thresholds: CollapseThresholds = dataclasses.field(default_factory=CollapseThresholds)
+    sweep_disabling: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.collapse and len(self.collapse) != len(self.evaluation.facts):
+            raise ValueError(
+                f"{len(self.collapse)} collapse checks for {len(self.evaluation.facts)} edits"
+            )
+
+    @property
+    def kept(self) -> EditEvaluation:
+        """The edits that were not disabling (every edit when none was checked)."""
+        if not self.collapse:
+            return self.evaluation
+        facts = tuple(
+            f for f, c in zip(self.evaluation.facts, self.collapse, strict=True) if not c.disabling
+        )
+        return EditEvaluation(facts, self.evaluation.editor, self.evaluation.model)
 
     @property
     def layer(self) -> int:
@@ -152,7 +181,29 @@ class Editing:
                 f"{relation['relation_remove']['post'].percent()}; entity efficacy moves by "
                 f"{_points(relation['efficacy']['change'])}."
             )
+        if self.collapse:
+            lines.append(self.collapse_sentence())
         return lines
+
+    def collapse_sentence(self) -> str:
+        """The collapse guard's count, in words."""
+        n = len(self.collapse)
+        bad = sum(c.disabling for c in self.collapse)
+        largest = _largest(c.update_ratio for c in self.collapse)
+        rise = _largest(c.loss_change for c in self.collapse)
+        limits = self.thresholds
+        head = (
+            f"{bad} of {n} edits at layer {self.layer} were disabling and are left out of the "
+            "numbers above"
+            if bad
+            else f"None of the {n} edits at layer {self.layer} was disabling"
+        )
+        return (
+            f"{head} (limits: |dW|/|W| {limits.update_ratio:g}, loss rise on unrelated texts "
+            f"{limits.loss_increase:g} nats/token, generation entropy at least "
+            f"{limits.entropy_share:g} of the unedited model's); the largest update was "
+            f"|dW|/|W| = {largest:.3g}, the largest loss rise {rise:+.3g} nats/token."
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (per-fact scores are written separately)."""
@@ -169,9 +220,39 @@ class Editing:
             "layer_sweep": {
                 "n_facts_per_perspective": self.sweep_facts,
                 "layers": {str(layer): _nested(m) for layer, m in self.layer_sweep.items()},
+                "n_disabling": {str(layer): n for layer, n in self.sweep_disabling.items()},
+            },
+            "collapse": {
+                "thresholds": {
+                    "update_ratio": self.thresholds.update_ratio,
+                    "loss_increase": self.thresholds.loss_increase,
+                    "entropy_share": self.thresholds.entropy_share,
+                },
+                "checked": len(self.collapse),
+                "n_disabling": sum(c.disabling for c in self.collapse),
+                "largest_update_ratio": _finite(_largest(c.update_ratio for c in self.collapse)),
+                "largest_loss_change": _finite(_largest(c.loss_change for c in self.collapse)),
+                "disabling": [
+                    {"subject": f.subject, "relation": f.relation, "edited": f.edited.value,
+                     "reasons": list(c.reasons)}
+                    for f, c in zip(self.evaluation.facts, self.collapse, strict=True)
+                    if c.disabling
+                ],
             },
             "text": self.sentences(),
         }  # fmt: skip
+
+
+def _largest(values: Any) -> float:
+    """The largest value; NaN if any is NaN or there is none (a NaN loss is a collapse)."""
+    items = list(values)
+    if not items or any(math.isnan(v) for v in items):
+        return math.nan
+    return max(items)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _nested(metrics: dict[str, dict[str, dict[str, Estimate]]]) -> dict[str, Any]:

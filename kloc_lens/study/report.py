@@ -286,7 +286,7 @@ def report_figures(result: Any) -> list[tuple[str, str, go.Figure]]:
     if result.editing is not None:
         from kloc_lens.edit.plot import metric_bars, transfer_heatmap
 
-        evaluation = result.editing.evaluation
+        evaluation = result.editing.kept  # disabling edits are counted, not averaged in
         figures.append(
             (
                 "transfer",
@@ -448,6 +448,8 @@ def write_report(result: Any, out: str | Path) -> Path:
             result.relation.example.save(tensors / "relation_example_trace.safetensors")
         if result.editing is not None:
             scores = [f.as_dict() for f in result.editing.evaluation.facts]
+            for item, check in zip(scores, result.editing.collapse, strict=False):
+                item["collapse"] = check.as_dict()
             (tensors / "edit_scores.json").write_text(json.dumps(scores, allow_nan=False))
         (staging / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
         (staging / "report.html").write_text(_page(result, summary), encoding="utf-8")
@@ -472,6 +474,7 @@ def load_study(directory: str | Path) -> Any:
         StudyError: The directory holds no study, a study of another format, or a damaged one.
     """
     from kloc_lens.edit.evaluate import EditEvaluation, FactEvaluation
+    from kloc_lens.edit.guard import CollapseCheck, CollapseThresholds
     from kloc_lens.intervals import Estimate
     from kloc_lens.results import AggregateSet, TraceSet, load_result
     from kloc_lens.study.config import StudyConfig
@@ -530,6 +533,10 @@ def load_study(directory: str | Path) -> Any:
         if data:
             scores = json.loads((root / "tensors" / "edit_scores.json").read_text())
             facts = tuple(FactEvaluation.from_dict(item) for item in scores)
+            collapse = tuple(
+                CollapseCheck.from_dict(item["collapse"]) for item in scores if "collapse" in item
+            )
+            limits = data["collapse"]["thresholds"]
             editing = Editing(
                 choice=LayerChoice(**data["layer_choice"]),
                 editor=data["editor"],
@@ -540,6 +547,11 @@ def load_study(directory: str | Path) -> Any:
                     int(layer): nested(m) for layer, m in data["layer_sweep"]["layers"].items()
                 },
                 sweep_facts=int(data["layer_sweep"]["n_facts_per_perspective"]),
+                collapse=collapse,
+                thresholds=CollapseThresholds(**limits),
+                sweep_disabling={
+                    int(layer): int(n) for layer, n in data["layer_sweep"]["n_disabling"].items()
+                },
             )
         return StudyResult(
             model=summary["model"],

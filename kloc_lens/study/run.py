@@ -55,6 +55,14 @@ import torch
 from tqdm.auto import tqdm
 
 from kloc_lens.edit.evaluate import EditEvaluation, FactEvaluation
+from kloc_lens.edit.guard import (
+    CollapseCheck,
+    CollapseThresholds,
+    check_collapse_each,
+    generation_entropy,
+    text_loss,
+)
+from kloc_lens.edit.stats import corpus_hash
 from kloc_lens.engine import ExecutionOptions
 from kloc_lens.facts import Fact, TokenizedPrompt, tokenize
 from kloc_lens.model import device_of, model_identity
@@ -562,6 +570,8 @@ def _edit(
     from kloc_lens.edit import ContextSpec, EditRequest, RomeEditor, ValueSpec, second_moment
     from kloc_lens.edit.evaluate import evaluate_edit
 
+    guard = _Guard(model, corpus, known)
+
     candidates = [f for f in known if f.new_object]
     if not candidates or config.n_edit == 0:
         return None
@@ -623,6 +633,7 @@ def _edit(
                 "neighbors": [_fact_data(f) for f in request.neighbors],
                 "related": [_fact_data(f) for f in request.related],
                 "none_target": request.none_target,
+                "guard": guard.settings(request),
             },
         )
 
@@ -641,47 +652,125 @@ def _edit(
         rome, _ = editor(plan[group[0]][0])
         batch = [plan[i][1] for i in group]
         edits = rome.compute_each(model, batch)
+        checks = guard.check_each(edits, batch)
         return [
-            evaluate_edit(model, edit, request).facts[0].as_dict()
-            for edit, request in zip(edits, batch, strict=True)
+            {**evaluate_edit(model, edit, request).facts[0].as_dict(), "collapse": c.as_dict()}
+            for edit, request, c in zip(edits, batch, checks, strict=True)
         ]
 
-    evaluations = [
-        FactEvaluation.from_dict(data)
-        for data in units.run_groups(
-            "edit",
-            keys,
-            groups,
-            compute,
-            ext="json",
-            save=lambda key, data: units.store.write_json("edit", key, data),
-            load=lambda key: units.store.read_json("edit", key),
-            desc="edits (layer sweep and chosen layer)",
-        )
-    ]
-    by_layer: dict[int, list[FactEvaluation]] = {}
-    for (layer, _), evaluation in zip(plan, evaluations, strict=True):
-        by_layer.setdefault(layer, []).append(evaluation)
+    units_data = units.run_groups(
+        "edit",
+        keys,
+        groups,
+        compute,
+        ext="json",
+        save=lambda key, data: units.store.write_json("edit", key, data),
+        load=lambda key: units.store.read_json("edit", key),
+        desc="edits (layer sweep and chosen layer)",
+    )
+    by_layer: dict[int, list[tuple[FactEvaluation, CollapseCheck]]] = {}
+    for (layer, _), data in zip(plan, units_data, strict=True):
+        pair = (FactEvaluation.from_dict(data), CollapseCheck.from_dict(data["collapse"]))
+        by_layer.setdefault(layer, []).append(pair)
     main = by_layer[choice.layer]
     sweep_names = {f.subject + "\0" + f.relation for f in sweep}
+    in_sweep = {
+        layer: [(e, c) for e, c in pairs if e.subject + "\0" + e.relation in sweep_names]
+        for layer, pairs in sorted(by_layer.items())
+    }
     layer_sweep = {
         layer: metric_estimates(
-            [e for e in evals if e.subject + "\0" + e.relation in sweep_names],
+            [e for e, c in pairs if not c.disabling],
             n_bootstrap=config.n_bootstrap,
             seed=config.seed,
         )
-        for layer, evals in sorted(by_layer.items())
+        for layer, pairs in in_sweep.items()
     }
     rome, stats = editor(choice.layer)
     return Editing(
         choice=choice,
         editor=rome.name,
         statistics=f"key statistics over {stats.count} keys of {corpus_name}",
-        evaluation=EditEvaluation(tuple(main), rome.name, model_identity(model)),
-        metrics=metric_estimates(main, n_bootstrap=config.n_bootstrap, seed=config.seed),
+        evaluation=EditEvaluation(tuple(e for e, _ in main), rome.name, model_identity(model)),
+        metrics=metric_estimates(
+            [e for e, c in main if not c.disabling],
+            n_bootstrap=config.n_bootstrap,
+            seed=config.seed,
+        ),
         layer_sweep=layer_sweep if sweep else {},
         sweep_facts=len(sweep),
+        collapse=tuple(c for _, c in main),
+        thresholds=guard.thresholds,
+        sweep_disabling=(
+            {layer: sum(c.disabling for _, c in pairs) for layer, pairs in in_sweep.items()}
+            if sweep
+            else {}
+        ),
     )
+
+
+class _Guard:
+    """The collapse guard of the study's edits: unrelated texts (biographies or prompts that
+    do not name the edited subject) and prompts of other subjects to continue, fixed by the
+    corpus and the facts alone; the unedited model's numbers are computed once per set."""
+
+    n_texts = 4
+    n_prompts = 4
+    n_tokens = 8
+
+    def __init__(self, model: Any, corpus: Sequence[str], known: Sequence[Fact]) -> None:
+        self.model = model
+        self.thresholds = CollapseThresholds()
+        self.texts = list(corpus[: 2 * self.n_texts])
+        seen: dict[str, str] = {}
+        for fact in known:
+            seen.setdefault(fact.subject, fact.entity_prompt().text)
+            if len(seen) > 2 * self.n_prompts:
+                break
+        self.prompts = list(seen.items())
+        self.before: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[float, float]] = {}
+
+    def sets(self, request: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        subject = request.fact.subject
+        texts = tuple(t for t in self.texts if subject not in t)[: self.n_texts]
+        prompts = tuple(p for s, p in self.prompts if s != subject)[: self.n_prompts]
+        if not texts or not prompts:
+            raise StudyError(
+                f"the collapse guard has no text or prompt without {subject!r}: the corpus "
+                f"({len(self.texts)} texts checked) or the facts name no one else"
+            )
+        return texts, prompts
+
+    def settings(self, request: Any) -> dict[str, Any]:
+        texts, prompts = self.sets(request)
+        return {
+            "texts": corpus_hash(list(texts)),
+            "prompts": list(prompts),
+            "n_tokens": self.n_tokens,
+            "thresholds": [
+                self.thresholds.update_ratio,
+                self.thresholds.loss_increase,
+                self.thresholds.entropy_share,
+            ],
+        }
+
+    def check_each(self, edits: Sequence[Any], requests: Sequence[Any]) -> list[CollapseCheck]:
+        sets = [self.sets(request) for request in requests]
+        for texts, prompts in sets:
+            if (texts, prompts) not in self.before:
+                self.before[texts, prompts] = (
+                    text_loss(self.model, texts),
+                    generation_entropy(self.model, prompts, self.n_tokens),
+                )
+        return check_collapse_each(
+            self.model,
+            edits,
+            texts=[texts for texts, _ in sets],
+            prompts=[prompts for _, prompts in sets],
+            n_tokens=self.n_tokens,
+            thresholds=self.thresholds,
+            before=[self.before[key] for key in sets],
+        )
 
 
 def run_study(
