@@ -15,7 +15,8 @@ The public API, by concept:
 - results: :class:`LayerPosResult`, :class:`LayerHeadResult`, :class:`LayerPosHeadResult`,
   :class:`TraceResult`, :class:`TraceSet`, :func:`load_result`
 - editing: :class:`RomeEditor`, :class:`MemitEditor`, :class:`EditRequest`,
-  :class:`RankOneEdit`, :func:`evaluate_editor` (more in :mod:`kloc_lens.edit`)
+  :class:`RankOneEdit`, :func:`evaluate_editor`, :func:`edit_layer_sweep`,
+  :func:`trace_edit_regression` (more in :mod:`kloc_lens.edit`)
 - datasets and the study: :mod:`kloc_lens.datasets`, :mod:`kloc_lens.aggregate`,
   :mod:`kloc_lens.study`, :mod:`kloc_lens.factworld`
 - figures and views: :mod:`kloc_lens.plot`, :mod:`kloc_lens.vis`
@@ -46,9 +47,11 @@ from kloc_lens.edit import (
     RomeEditor,
     SecondMoment,
     TransferMatrix,
+    edit_layer_sweep,
     evaluate_edit,
     evaluate_editor,
     second_moment,
+    trace_edit_regression,
 )
 from kloc_lens.engine import ExecutionOptions, Precision
 from kloc_lens.errors import (
@@ -159,6 +162,7 @@ __all__ = [
     "causal_trace",
     "check_model",
     "default_window",
+    "edit_layer_sweep",
     "evaluate_edit",
     "evaluate_editor",
     "from_hf",
@@ -173,5 +177,6 @@ __all__ = [
     "target_token_ids",
     "tokenize",
     "tokenize_batch",
+    "trace_edit_regression",
     "unregister_site",
 ]

@@ -24,6 +24,10 @@ other keys keep their outputs:
    on the entity side, relation-vs-"None" scores on the relation side, and the 2 x 2
    cross-perspective transfer matrix of the study (``notes/knowledge-localization.md``);
    figures in :mod:`kloc_lens.edit.plot`.
+7. **Layers and traces** (:mod:`~kloc_lens.edit.sweep`, :mod:`~kloc_lens.edit.informs`): every
+   fact edited at every layer (:func:`edit_layer_sweep`), and Hase et al.'s question, whether
+   the trace effect at a layer predicts edit success there (:func:`trace_edit_regression`);
+   the collapse guard (:mod:`~kloc_lens.edit.guard`) flags edits that break the model.
 
 The *perspective* of an :class:`EditRequest` chooses the objective: an entity edit raises the new
 object (and lowers the old one) on the entity prompt; a relation edit follows the study's add /
@@ -72,12 +76,14 @@ from kloc_lens.edit.evaluate import (
     evaluate_edit,
     evaluate_editor,
 )
+from kloc_lens.edit.informs import TraceEditRegression, trace_edit_regression
 from kloc_lens.edit.keys import ContextSpec, KeyToken, compute_key, generate_contexts
 from kloc_lens.edit.memit import MemitEditor, MultiLayerEdit
 from kloc_lens.edit.projection import Projection
 from kloc_lens.edit.request import EditRequest, Objective
 from kloc_lens.edit.rome import RankOneEdit, RomeEditor
 from kloc_lens.edit.stats import SecondMoment, load_second_moment, second_moment
+from kloc_lens.edit.sweep import EditLayerSweep, edit_layer_sweep
 from kloc_lens.edit.value import FitProblem, KeySpread, ValueFit, ValueSpec, fit_value, fit_values
 
 __all__ = [
@@ -86,6 +92,7 @@ __all__ = [
     "Edit",
     "EditError",
     "EditEvaluation",
+    "EditLayerSweep",
     "EditMetric",
     "EditRequest",
     "Editor",
@@ -103,6 +110,7 @@ __all__ = [
     "RankOneEdit",
     "RomeEditor",
     "SecondMoment",
+    "TraceEditRegression",
     "TransferMatrix",
     "ValueFit",
     "ValueSpec",
@@ -111,6 +119,7 @@ __all__ = [
     "commit",
     "compute_key",
     "edit_hooks",
+    "edit_layer_sweep",
     "evaluate_edit",
     "evaluate_editor",
     "fit_value",
@@ -119,4 +128,5 @@ __all__ = [
     "load_second_moment",
     "planted_corpus",
     "second_moment",
+    "trace_edit_regression",
 ]
