@@ -103,3 +103,25 @@ def test_bad_tables_are_named_errors():
         trace_edit_regression(torch.ones(3, 3), torch.ones(3, 3), layers=[0, 1])
     with pytest.raises(EditError, match="tolerance"):
         trace_edit_regression(torch.ones(3, 3), torch.ones(3, 3), tolerance=-1.0)
+
+
+def test_edited_site_effects_read_the_last_subject_token(planted):
+    import kloc_lens as kl
+    from kloc_lens.study.informs import edited_site_effects
+
+    model, facts = planted
+    prompts = [kl.Fact(s, "home", o, entity_template=facts.template) for s, o in facts.pairs()]
+    noise = kl.GaussianNoise(scale=3.0, samples=4, seed=0)
+    traces = [
+        kl.causal_trace(model, p, corruption=noise, window=1, sever=("mlp", "attn"), progress=False)
+        for p in prompts[:3]
+    ]
+    effects = edited_site_effects(traces, [2, 1])
+    for f, trace_set in enumerate(traces):
+        for name in ("mlp", "resid"):
+            trace = trace_set.get(name)
+            last = trace.positions.index(trace.spans["subject"][1] - 1)
+            expected = trace.indirect_effect[[2, 1], last].double()
+            assert torch.allclose(effects[name][f], expected)
+        # the planted fact is written by the MLP of layer 1 at the last subject token
+        assert effects["mlp"][f, 1] > 0.5 > abs(float(effects["mlp"][f, 0]))

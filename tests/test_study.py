@@ -120,13 +120,13 @@ def test_editing_half(study):
 def test_disabling_edits_are_counted_and_left_out_of_the_numbers(planted, tmp_path, monkeypatch):
     """With a guard strict enough to flag some of the planted edits, the flagged ones stay in
     the per-fact scores but leave the metrics, and the report counts them."""
-    import kloc_lens.study.run as run
+    import kloc_lens.study.edits as edits
     from kloc_lens.edit.guard import CollapseThresholds
 
     first = _run(planted, tmp_path / "a").editing
     ratios = sorted(c.update_ratio for c in first.collapse)
     limit = (ratios[1] + ratios[2]) / 2  # the two largest updates pass it
-    monkeypatch.setattr(run, "CollapseThresholds", lambda: CollapseThresholds(update_ratio=limit))
+    monkeypatch.setattr(edits, "CollapseThresholds", lambda: CollapseThresholds(update_ratio=limit))
     result = _run(planted, tmp_path / "b")
     editing = result.editing
     flagged = [c.update_ratio > limit for c in editing.collapse]

@@ -30,7 +30,7 @@ TRAIN = TrainConfig(
     documents=DocumentConfig(none_sentences=1),
 )
 SMALL = [
-    *("--n-trace", "4", "--n-edit", "2", "--n-layer-sweep", "1", "--n-queries", "3"),
+    *("--n-trace", "4", "--n-edit", "2", "--n-layer-sweep", "2", "--n-queries", "3"),
     *("--neuron-steps", "4", "--samples", "3"),
 ]
 
@@ -88,6 +88,7 @@ def test_study_command_on_a_tiny_factworld(study_out):
         "transfer",
         "edit-metrics",
         "layer-sweep",
+        "informs",
     ]
     assert results["knowledge"]["checked"] == 16  # 8 subjects x 2 relations
     for name in ("entity", "entity_paraphrase", "relation", "relation_paraphrase", "none"):
@@ -108,6 +109,41 @@ def test_study_command_on_a_tiny_factworld(study_out):
     peak = results["localization"]["entity"]["layers"]["mlp_last_span"]
     assert editing["layer"] == peak and editing["layer_choice"]["source"] == "trace"
     assert sorted(editing["layer_sweep"]["layers"]) == ["0", "1"]
+    # Hase et al.'s regression on the sweep's 2 facts x 2 layers, per perspective
+    informs = editing["informs"]
+    assert informs["layers"] == [0, 1] and informs["n_facts_per_perspective"] == 2
+    assert set(informs["regressions"]) == {"entity", "relation"}
+    assert "Does localization inform editing?" in page
+    scores = json.loads((study_out / "tensors" / "edit_scores.json").read_text())
+    column = informs["layers"].index(editing["layer"])
+    for perspective, metric in (("entity", "efficacy"), ("relation", "relation_add")):
+        assert set(informs["regressions"][perspective]) == {"mlp", "resid"}
+        # the success table's chosen-layer column is the chosen layer's own edit units
+        margins = [
+            None  # a disabling edit is a missing cell
+            if row["collapse"]["reasons"]
+            else next(s["post_margin"] for s in row["scores"] if s["metric"] == metric)
+            for row in scores
+            if row["edited"] == perspective
+        ]
+        table = informs["success"][perspective]
+        assert len(table) == 2 and all(len(row) == 2 for row in table)
+        assert [row[column] for row in table] == pytest.approx(margins)
+        # the stored numbers are the regression of the stored tables
+        from kloc_lens.edit import trace_edit_regression
+
+        nan = float("nan")
+        fit = trace_edit_regression(
+            [[nan if x is None else x for x in row] for row in table],
+            [
+                [nan if x is None else x for x in row]
+                for row in informs["effects"][perspective]["mlp"]
+            ],
+            layers=informs["layers"],
+            n_resamples=results["config"]["n_bootstrap"],
+            seed=results["config"]["seed"],
+        )
+        assert fit.as_dict() == informs["regressions"][perspective]["mlp"][metric]
     # the report says how the test bed was trained, mask included
     assert "could not attend" in results["about"] and results["about"] in page
 

@@ -61,7 +61,7 @@ def test_damaged_units_are_named(tmp_path):
 
 
 def _grouped(store, shard, keys, groups, calls):
-    from kloc_lens.study.run import _Units
+    from kloc_lens.study.store import Units as _Units
 
     def compute(group):
         calls.append(list(group))
@@ -84,7 +84,7 @@ def _grouped(store, shard, keys, groups, calls):
 def test_groups_are_computed_whole_in_the_plans_company(tmp_path, monkeypatch):
     """A group with one unit missing is computed whole, with the company the plan gave it;
     its units on disk stay; groups done are not recomputed; shards split groups, not units."""
-    from kloc_lens.study.run import Shard
+    from kloc_lens.study.store import Shard
 
     store = UnitStore(tmp_path)
     keys = [unit_key("g", {"i": i}) for i in range(7)]
@@ -115,7 +115,7 @@ def test_groups_are_computed_whole_in_the_plans_company(tmp_path, monkeypatch):
 def test_groups_must_cover_the_units_once(tmp_path):
     store = UnitStore(tmp_path)
     keys = [unit_key("g", {"i": i}) for i in range(3)]
-    from kloc_lens.study.run import Shard
+    from kloc_lens.study.store import Shard
 
     for groups in ([[0, 1]], [[0, 1], [1, 2]]):
         with pytest.raises(ValueError, match="the groups must cover each of the 3 units once"):

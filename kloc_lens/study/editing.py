@@ -6,7 +6,9 @@ otherwise), applied as hooks (the model never changes) and scored on every metri
 :mod:`kloc_lens.edit.evaluate` before and after. The study edits ``n_edit`` facts per
 perspective at the chosen layer, and the first ``n_layer_sweep`` of them at every layer of the
 sweep, which shows what the choice of layer trades: early layers edit the subject's identity
-(efficacy high, the subject's other relations dragged along), later ones only the fact.
+(efficacy high, the subject's other relations dragged along), later ones only the fact. The
+sweep's facts are traced too, and :mod:`.informs` asks Hase et al.'s question of them: does the
+trace effect at a layer predict the edit's success there, once the layer is known?
 
 The layer is the study's setting if given, else the entity trace's: the layer of the peak of
 the MLP-window restore at the last subject token (ROME's choice, layer 17 on GPT-2 XL, came from
@@ -31,6 +33,7 @@ from kloc_lens.edit.evaluate import HEADLINE, EditEvaluation, EditMetric, FactEv
 from kloc_lens.edit.guard import CollapseCheck, CollapseThresholds
 from kloc_lens.facts import Perspective
 from kloc_lens.intervals import Estimate, bootstrap
+from kloc_lens.study.informs import Informs
 
 __all__ = ["Editing", "LayerChoice", "metric_estimates"]
 
@@ -101,6 +104,8 @@ class Editing:
             (:func:`~kloc_lens.edit.guard.check_collapse`; empty: not checked).
         thresholds: The guard's thresholds.
         sweep_disabling: Per layer of the sweep, how many of its edits were disabling.
+        informs: Does the trace predict edit success on the sweep's facts (Hase et al.'s
+            regression, :mod:`.informs`); ``None`` without a sweep.
 
     Disabling edits are kept in ``evaluation`` and ``edit_scores.json``, flagged, and left out
     of ``metrics``, ``layer_sweep`` and the figures: a broken model's scores are not averaged
@@ -117,6 +122,7 @@ class Editing:
     collapse: tuple[CollapseCheck, ...] = ()
     thresholds: CollapseThresholds = dataclasses.field(default_factory=CollapseThresholds)
     sweep_disabling: dict[int, int] = dataclasses.field(default_factory=dict)
+    informs: Informs | None = None
 
     def __post_init__(self) -> None:
         if self.collapse and len(self.collapse) != len(self.evaluation.facts):
@@ -183,6 +189,8 @@ class Editing:
             )
         if self.collapse:
             lines.append(self.collapse_sentence())
+        if self.informs is not None:
+            lines.extend(self.informs.sentences())
         return lines
 
     def collapse_sentence(self) -> str:
@@ -239,6 +247,7 @@ class Editing:
                     if c.disabling
                 ],
             },
+            "informs": None if self.informs is None else self.informs.as_dict(),
             "text": self.sentences(),
         }  # fmt: skip
 

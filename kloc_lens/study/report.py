@@ -251,6 +251,43 @@ def layer_sweep_figure(editing: Any) -> go.Figure:
     return fig
 
 
+def informs_figure(informs: Any) -> go.Figure:
+    """Edit success against the MLP-window trace effect at the edited layer, one panel per
+    edited perspective, one colour per layer (Hase et al.'s scatter)."""
+    from plotly.colors import sample_colorscale
+    from plotly.subplots import make_subplots
+
+    perspectives = list(informs.success)
+    fig = make_subplots(rows=1, cols=len(perspectives), subplot_titles=perspectives)
+    n = len(informs.layers)
+    palette = sample_colorscale("Viridis", [j / max(1, n - 1) for j in range(n)])
+    for col, perspective in enumerate(perspectives, start=1):
+        success = informs.success[perspective]
+        effect = informs.effects[perspective]["mlp"]
+        for j, layer in enumerate(informs.layers):
+            fig.add_trace(
+                go.Scatter(
+                    x=[_plain(x) for x in effect[:, j].tolist()],
+                    y=[_plain(y) for y in success[:, j].tolist()],
+                    mode="markers",
+                    name=f"layer {layer}",
+                    legendgroup=f"layer {layer}",
+                    showlegend=col == 1,
+                    marker={"color": palette[j], "size": 6},
+                ),
+                row=1,
+                col=col,
+            )
+        fig.update_xaxes(title_text="MLP-window effect at the last subject token", row=1, col=col)
+    fig.update_yaxes(title_text="headline margin after the edit", row=1, col=1)
+    fig.update_layout(title={"text": "Does the trace effect at a layer predict edit success?"})
+    return fig
+
+
+def _plain(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
 def report_figures(result: Any) -> list[tuple[str, str, go.Figure]]:
     """``(id, caption, figure)`` of every figure in the report, in order."""
     figures: list[tuple[str, str, go.Figure]] = [
@@ -305,6 +342,14 @@ def report_figures(result: Any) -> list[tuple[str, str, go.Figure]]:
                     layer_sweep_figure(result.editing),
                 )
             )
+        if result.editing.informs is not None:
+            figures.append(
+                (
+                    "informs",
+                    "Edit success against the trace effect, per layer (Hase et al.)",
+                    informs_figure(result.editing.informs),
+                )
+            )
     return figures
 
 
@@ -318,6 +363,24 @@ def _table(rows: dict[str, Any]) -> str:
         for k, v in rows.items()
     )
     return f"<table>{cells}</table>"
+
+
+def _informs_table(informs: dict[str, Any]) -> str:
+    """One row per (edited perspective, effect, metric) of the regressions."""
+    from kloc_lens.edit.informs import NUMBERS
+
+    head = "".join(f"<th>{name}</th>" for name in ("edited", "effect", "metric", *NUMBERS))
+    rows = []
+    for perspective, by_effect in informs["regressions"].items():
+        for effect, by_metric in by_effect.items():
+            for metric, fit in by_metric.items():
+                cells = "".join(
+                    f"<td>{html.escape(_est(fit[name], 'number', 3))}</td>" for name in NUMBERS
+                )
+                rows.append(
+                    f"<tr><td>{perspective}</td><td>{effect}</td><td>{metric}</td>{cells}</tr>"
+                )
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 def _numbers_table(numbers: dict[str, Any], layers: dict[str, int] | None = None) -> str:
@@ -406,6 +469,12 @@ def _page(result: Any, summary: dict[str, Any]) -> str:
         body.append("<h2>Editing at the chosen layer</h2>" + _metrics_table(editing["metrics"]))
         if editing["layer_sweep"]["layers"]:
             body.append("<h2>Edits per layer</h2>" + _sweep_table(editing["layer_sweep"]))
+        if editing.get("informs"):
+            body.append(
+                "<h2>Does localization inform editing?</h2>"
+                + "".join(f"<p>{html.escape(line)}</p>" for line in editing["informs"]["text"])
+                + _informs_table(editing["informs"])
+            )
     body.append("<h2>Figures</h2>")
     for fig_id, caption, fig in report_figures(result):
         spec = (fig.to_json() or "{}").replace("</", "<\\/")
@@ -479,6 +548,7 @@ def load_study(directory: str | Path) -> Any:
     from kloc_lens.results import AggregateSet, TraceSet, load_result
     from kloc_lens.study.config import StudyConfig
     from kloc_lens.study.editing import Editing, LayerChoice
+    from kloc_lens.study.informs import Informs
     from kloc_lens.study.knowledge import Knowledge
     from kloc_lens.study.localization import Localization
     from kloc_lens.study.queries import QueryLocalization
@@ -552,6 +622,7 @@ def load_study(directory: str | Path) -> Any:
                 sweep_disabling={
                     int(layer): int(n) for layer, n in data["layer_sweep"]["n_disabling"].items()
                 },
+                informs=Informs.from_dict(data["informs"]) if data.get("informs") else None,
             )
         return StudyResult(
             model=summary["model"],

@@ -23,17 +23,35 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import random
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
+from tqdm.auto import tqdm
+
+from kloc_lens.facts import Fact
 from kloc_lens.study.config import StudyError
 
-__all__ = ["UNIT_FORMAT", "UnitStore", "atomic_write_text", "unit_key"]
+T = TypeVar("T")
+
+__all__ = [
+    "UNIT_FORMAT",
+    "Shard",
+    "UnitStore",
+    "Units",
+    "atomic_write_text",
+    "fact_data",
+    "sample_items",
+    "unit_key",
+]
 
 UNIT_FORMAT = 1
 """Version of the unit files; part of every key, so a new format never reads an old unit."""
@@ -127,3 +145,140 @@ class UnitStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+
+def fact_data(fact: Fact) -> dict[str, Any]:
+    """The fact as it enters unit keys."""
+    return dataclasses.asdict(fact)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a study: rank ``rank`` of ``world`` processes.
+
+    One process is ``Shard()``; under ``torchrun`` :meth:`from_env` reads the initialised
+    ``torch.distributed`` process group.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> Shard:
+        """The shard of this process (one process unless ``torch.distributed`` is initialised)."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op for one process)."""
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def mine(self, items: Sequence[T]) -> list[T]:
+        """This rank's items: every ``world``-th, starting at ``rank`` (deterministic)."""
+        return list(items[self.rank :: self.world])
+
+
+class Units:
+    """Runs the units of one phase: skips those on disk, splits the rest over the ranks."""
+
+    def __init__(self, store: UnitStore, shard: Shard, progress: bool) -> None:
+        self.store = store
+        self.shard = shard
+        self.progress = progress
+        self.computed = 0
+        self.found = 0
+
+    def run(
+        self,
+        kind: str,
+        keys: Sequence[str],
+        compute: Callable[[int], Any],
+        *,
+        ext: str,
+        save: Callable[[str, Any], object],
+        load: Callable[[str], T],
+        desc: str,
+    ) -> list[T]:
+        return self.run_groups(
+            kind,
+            keys,
+            [[i] for i in range(len(keys))],
+            lambda group: [compute(i) for i in group],
+            ext=ext,
+            save=save,
+            load=load,
+            desc=desc,
+        )
+
+    def run_groups(
+        self,
+        kind: str,
+        keys: Sequence[str],
+        groups: Sequence[Sequence[int]],
+        compute: Callable[[Sequence[int]], list[Any]],
+        *,
+        ext: str,
+        save: Callable[[str, Any], object],
+        load: Callable[[str], T],
+        desc: str,
+    ) -> list[T]:
+        """Units computed a group at a time (``compute(group)`` returns one result per index).
+
+        The groups are fixed by the caller's plan, never by what is on disk: a group with any
+        unit missing is computed whole (its units on disk are left as they are), so a resumed
+        or sharded run computes every unit in the same company as a fresh one, and batched
+        arithmetic gives the same numbers.
+        """
+        if sorted(i for group in groups for i in group) != list(range(len(keys))):
+            raise ValueError(f"{kind}: the groups must cover each of the {len(keys)} units once")
+        done = [self.store.has(kind, key, ext) for key in keys]
+        # Every rank must split the same list: none may write a unit of this phase before all
+        # have looked at the disk (a rank that saw a unit another had just written would shift
+        # its share, and some unit would be left to nobody).
+        self.shard.barrier()
+        todo = [group for group in groups if not all(done[i] for i in group)]
+        missing = sum(not done[i] for group in todo for i in group)
+        self.found += len(keys) - missing
+        mine = self.shard.mine(todo)
+        bar = tqdm(
+            total=len(keys),
+            initial=len(keys) - missing,
+            desc=desc,
+            disable=not self.progress or self.shard.rank != 0,
+            unit="unit",
+        )
+        with bar:
+            for group in mine:
+                results = compute(group)
+                if len(results) != len(group):
+                    raise ValueError(f"{kind}: {len(results)} results for {len(group)} units")
+                for i, result in zip(group, results, strict=True):
+                    if not done[i]:
+                        save(keys[i], result)
+                        self.computed += 1
+                        bar.update(self.shard.world)
+        self.shard.barrier()
+        return [load(key) for key in keys]
+
+    def json(
+        self, kind: str, keys: Sequence[str], compute: Callable[[int], Any], desc: str
+    ) -> list[Any]:
+        return self.run(
+            kind,
+            keys,
+            compute,
+            ext="json",
+            save=lambda key, data: self.store.write_json(kind, key, data),
+            load=lambda key: self.store.read_json(kind, key),
+            desc=desc,
+        )
+
+
+def sample_items(items: Sequence[T], n: int, seed: int) -> list[T]:
+    """``n`` of ``items`` in a seeded random order (the study's samples of facts)."""
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[:n]
