@@ -26,12 +26,13 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kloc_lens.edit._errors import EditError, choice
 from kloc_lens.facts import Fact, Perspective, Prompt, find_word
 
-__all__ = ["EditRequest", "Objective"]
+__all__ = ["EditRequest", "Objective", "request_list"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +148,18 @@ class EditRequest:
             Objective(self.add_prompt(), self.fact.relation, None),
             Objective(self.remove_prompt(), self.none_target, self.fact.relation),
         )
+
+
+def request_list(requests: Sequence[EditRequest]) -> list[EditRequest]:
+    """``requests`` as a list, checked: at least one, every item an :class:`EditRequest`.
+
+    Raises:
+        EditError: No requests, or an item of another type (named by its index).
+    """
+    items = list(requests)
+    if not items:
+        raise EditError("no requests to edit")
+    for index, item in enumerate(items):
+        if not isinstance(item, EditRequest):
+            raise EditError(f"requests[{index}] is a {type(item).__name__}, not an EditRequest")
+    return items

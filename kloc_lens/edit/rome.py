@@ -56,7 +56,7 @@ from kloc_lens.edit._errors import EditError, choice
 from kloc_lens.edit.apply import LowRankUpdate, WeightEdit
 from kloc_lens.edit.keys import ContextSpec, KeyToken, generate_contexts, key_rows, mean_at_keys
 from kloc_lens.edit.projection import Projection
-from kloc_lens.edit.request import EditRequest
+from kloc_lens.edit.request import EditRequest, request_list
 from kloc_lens.edit.stats import SecondMoment
 from kloc_lens.edit.value import FitProblem, KeySpread, ValueFit, ValueSpec, fit_values, kl_prompts
 from kloc_lens.facts import Perspective
@@ -243,12 +243,7 @@ class RomeEditor:
             SpanError: A prompt lacks the key token's span.
             ModelError: The model is in train mode or lacks the hooks.
         """
-        items = list(requests)
-        if not items:
-            raise EditError("no requests to edit")
-        for index, item in enumerate(items):
-            if not isinstance(item, EditRequest):
-                raise EditError(f"requests[{index}] is a {type(item).__name__}, not an EditRequest")
+        items = request_list(requests)
         projection = Projection(self.projection)
         key_token = KeyToken(self.key_token or KeyToken.SUBJECT_LAST)
         projection.weight(model, self.layer)

@@ -43,7 +43,7 @@ from kloc_lens.edit.guard import (
     generation_entropy,
     text_loss,
 )
-from kloc_lens.edit.request import EditRequest
+from kloc_lens.edit.request import EditRequest, request_list
 from kloc_lens.model import model_identity
 
 __all__ = ["EditLayerSweep", "edit_layer_sweep"]
@@ -206,12 +206,7 @@ def edit_layer_sweep(
         EditError: No requests, a request that is not an :class:`EditRequest`, a bad layer, or
             only one of ``texts`` and ``prompts``; as the editor.
     """
-    items = list(requests)
-    if not items:
-        raise EditError("no requests to edit")
-    for index, item in enumerate(items):
-        if not isinstance(item, EditRequest):
-            raise EditError(f"requests[{index}] is a {type(item).__name__}, not an EditRequest")
+    items = request_list(requests)
     chosen = _layers(model, layers)
     if (texts is None) != (prompts is None):
         raise EditError("the collapse guard needs both texts and prompts (or neither)")
