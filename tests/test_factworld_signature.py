@@ -21,7 +21,12 @@ def study():
     model, world = load_factworld()
     facts = random.Random(11).sample(list(world.facts), N_FACTS)
     config = StudyConfig(
-        n_trace=N_FACTS, n_edit=0, samples=10, none_target=NONE_ANSWER, n_bootstrap=200
+        n_trace=N_FACTS,
+        n_edit=0,
+        n_queries=0,
+        samples=10,
+        none_target=NONE_ANSWER,
+        n_bootstrap=200,
     )
     return model, run_study(model, facts, config, progress=False, edit=False)
 
@@ -66,7 +71,7 @@ def test_the_main_jobs_sample_meets_the_bars_it_reaches():
     model reaches; the two it does not (90% of facts at half their effect: 83%; severing the MLPs
     removes 30%: 25%) are held at their floors above and reported in docs/factworld.md."""
     model, world = load_factworld()
-    config = StudyConfig(n_edit=0, none_target=NONE_ANSWER, n_bootstrap=200)
+    config = StudyConfig(n_edit=0, n_queries=0, none_target=NONE_ANSWER, n_bootstrap=200)
     result = run_study(model, list(world.facts), config, progress=False, edit=False)
     entity = result.entity
     assert entity.n_facts >= 0.9 * config.n_trace
