@@ -81,7 +81,7 @@ from kloc_lens.edit.keys import ContextSpec, KeyToken, compute_key, generate_con
 from kloc_lens.edit.memit import MemitEditor, MultiLayerEdit
 from kloc_lens.edit.projection import Projection
 from kloc_lens.edit.request import EditRequest, Objective
-from kloc_lens.edit.rome import RankOneEdit, RomeEditor
+from kloc_lens.edit.rome import KeyForm, RankOneEdit, RomeEditor
 from kloc_lens.edit.stats import SecondMoment, load_second_moment, second_moment
 from kloc_lens.edit.sweep import EditLayerSweep, edit_layer_sweep
 from kloc_lens.edit.value import FitProblem, KeySpread, ValueFit, ValueSpec, fit_value, fit_values
@@ -98,6 +98,7 @@ __all__ = [
     "Editor",
     "FactEvaluation",
     "FitProblem",
+    "KeyForm",
     "KeySpread",
     "KeyToken",
     "LowRankEdit",

@@ -12,7 +12,8 @@ so that ``k* W' = v*`` exactly, and any key ``k`` sees
 ``k W' = k W + (k . u) / (u . k*) (v* - k* W)``.
 Here ``v* = k* W + delta`` with ``delta`` the optimised change of the projection's output at the
 key token; the same averaged key ``k*`` is used for the update and for ``v*`` (the reference
-code mixes an averaged and an unprefixed key; r-ROME fixed that). Because every token's output
+code mixes an averaged and an unprefixed key; r-ROME fixed that, and ``key_form="reference"``
+keeps the original for comparison, :class:`KeyForm`). Because every token's output
 moves by ``(k . u) / (u . k*)`` times ``delta``, ``delta`` is fitted through those factors
 (``exact_fit``, :func:`rank_one_spread`), so the fitted loss is the committed edit's loss;
 ROME fits it at the key token alone.
@@ -46,6 +47,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
@@ -62,12 +64,35 @@ from kloc_lens.edit.value import FitProblem, KeySpread, ValueFit, ValueSpec, fit
 from kloc_lens.facts import Perspective
 from kloc_lens.model import check_model, model_identity
 
-__all__ = ["IDENTITY", "RankOneEdit", "RomeEditor", "rank_one_spread", "solve_direction"]
+__all__ = [
+    "IDENTITY",
+    "KeyForm",
+    "RankOneEdit",
+    "RomeEditor",
+    "rank_one_spread",
+    "solve_direction",
+]
 
 logger = logging.getLogger(__name__)
 
 IDENTITY = "identity"
 """``stats_used`` of an edit computed without statistics (``C = I``, so ``u = k*``)."""
+
+
+class KeyForm(str, Enum):
+    """Which key normalises the update ``u delta^T / (u . k)``, with ``u = C^-1 k*`` and
+    ``delta`` the fitted change of the output.
+
+    ``SHARED`` (r-ROME, Gupta et al. 2024; the default): ``k = k*``, the key the value was fitted
+    at, so the committed edit maps ``k*`` to exactly ``v* = k* W + delta``.
+    ``REFERENCE`` (ROME's published code): ``k = k0``, the key of the bare request prompt, while
+    ``u`` and the fit use the averaged ``k*``; the edit then maps ``k*`` to
+    ``k* W + delta (u . k*) / (u . k0)``, which misfits when the contexts move the key, and
+    blows up when ``u . k0`` is small (r-ROME's "disabling edits"). Kept only to measure that.
+    """
+
+    SHARED = "shared"
+    REFERENCE = "reference"
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +113,9 @@ class RankOneEdit(WeightEdit):
         stats_used: :meth:`SecondMoment.describe` of the statistics, or ``"identity"``.
         contexts: The prefixes the key and value were averaged over (``""``: bare prompt).
         fit: The value optimisation and its loss history.
+        key_form: Which key normalises the update (:class:`KeyForm`).
+        anchor: The key that normalises the update: ``key`` (``SHARED``) or the bare
+            prompt's key (``REFERENCE``).
     """
 
     model: str
@@ -102,6 +130,8 @@ class RankOneEdit(WeightEdit):
     stats_used: str
     contexts: tuple[str, ...]
     fit: ValueFit
+    key_form: KeyForm = KeyForm.SHARED
+    anchor: Float[Tensor, " d_in"] | None = None
 
     @property
     def perspective(self) -> Perspective:
@@ -115,8 +145,10 @@ class RankOneEdit(WeightEdit):
 
     @property
     def update(self) -> LowRankUpdate:
-        """The update: ``left = u / (u . k*)``, ``right = v* - k* W``."""
-        left = self.direction / (self.direction @ self.key)
+        """The update: ``left = u / (u . k*)`` (``u . k0`` for ``KeyForm.REFERENCE``),
+        ``right = v* - k* W``."""
+        anchor = self.key if self.anchor is None else self.anchor
+        left = self.direction / (self.direction @ anchor)
         return LowRankUpdate(
             self.layer, self.projection, left[:, None], (self.value - self.old_value)[None, :]
         )
@@ -183,6 +215,8 @@ class RomeEditor:
             ``(k . u) / (u . k*)`` times the fitted change, as the committed edit makes it
             (:func:`rank_one_spread`). ``False`` is ROME's fit, at the key token only, which
             ignores the update's spill onto the other tokens of the prompt.
+        key_form: ``"shared"`` (r-ROME's fix, the default) or ``"reference"`` (ROME's code,
+            for comparison only; :class:`KeyForm`).
     """
 
     layer: int
@@ -193,16 +227,19 @@ class RomeEditor:
     stats: SecondMoment | None = None
     ridge: float = 1e-4
     exact_fit: bool = True
+    key_form: KeyForm | str = KeyForm.SHARED
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "projection", choice(Projection, self.projection, "projection"))
+        object.__setattr__(self, "key_form", choice(KeyForm, self.key_form, "key_form"))
         if self.key_token is not None:
             object.__setattr__(self, "key_token", choice(KeyToken, self.key_token, "key_token"))
 
     @property
     def name(self) -> str:
         """A label for reports."""
-        return f"ROME {Projection(self.projection).value} L{self.layer}"
+        suffix = "" if self.key_form is KeyForm.SHARED else " (reference keys)"
+        return f"ROME {Projection(self.projection).value} L{self.layer}{suffix}"
 
     def compute(self, model: Any, requests: EditRequest | Sequence[EditRequest]) -> RankOneEdit:
         """Compute the edit of one request; the model is not changed.
@@ -261,17 +298,21 @@ class RomeEditor:
             contexts=contexts,
         )
         keys = mean_at_keys(model, rows, projection.key_hook(self.layer), layer=self.layer)
+        anchors = keys
+        if self.key_form is KeyForm.REFERENCE:
+            bare = key_rows(model, [[mine[0].prompt] for mine in objectives], key_token=key_token)
+            anchors = mean_at_keys(model, bare, projection.key_hook(self.layer), layer=self.layer)
         weight = projection.matrix(model, self.layer).float()
         directions = []
-        for request, key in zip(items, keys, strict=True):
+        for request, key, anchor in zip(items, keys, anchors, strict=True):
             if not bool(key.norm() > 0):
                 raise EditError(
                     f"the key of {request.fact.subject!r} is zero at layer {self.layer} "
                     f"({projection.value}): that projection reads nothing there"
                 )
             direction = solve_direction(key, self.stats, ridge=self.ridge)
-            alignment = float(direction @ key)
-            if not alignment > 1e-12 * float(direction.norm() * key.norm()):
+            alignment = float(direction @ anchor)
+            if not alignment > 1e-12 * float(direction.norm() * anchor.norm()):
                 raise EditError(
                     f"the key of {request.fact.subject!r} at layer {self.layer} is zero or "
                     "orthogonal to C^-1 k*; choose another layer or key token"
@@ -281,12 +322,12 @@ class RomeEditor:
             FitProblem(
                 tuple(mine),
                 kl_prompts(request, key_token, self.value.kl_templates),
-                rank_one_spread(model, self.layer, projection, key, direction)
+                rank_one_spread(model, self.layer, projection, anchor, direction)
                 if self.exact_fit
                 else None,
             )
-            for request, mine, key, direction in zip(
-                items, objectives, keys, directions, strict=True
+            for request, mine, anchor, direction in zip(
+                items, objectives, anchors, directions, strict=True
             )
         ]
         fits = fit_values(
@@ -300,7 +341,9 @@ class RomeEditor:
         identity = model_identity(model)
         stats_used = IDENTITY if self.stats is None else self.stats.describe()
         edits = []
-        for request, key, direction, fit in zip(items, keys, directions, fits, strict=True):
+        for request, key, anchor, direction, fit in zip(
+            items, keys, anchors, directions, fits, strict=True
+        ):
             old_value = key @ weight
             edits.append(
                 RankOneEdit(
@@ -316,6 +359,8 @@ class RomeEditor:
                     stats_used=stats_used,
                     contexts=contexts,
                     fit=fit,
+                    key_form=KeyForm(self.key_form),
+                    anchor=None if self.key_form is KeyForm.SHARED else anchor,
                 )
             )
         return edits
