@@ -119,6 +119,8 @@ def test_dataframe_summary_and_transfer_matrix(setup):
         "metric",
         "evaluated",
         "n_prompts",
+        "pre_generated",
+        "post_generated",
         "pre",
         "post",
         "pre_margin",

@@ -5,7 +5,12 @@ Every edit is scored on both perspectives of its fact, before (the unedited mode
 of two answers on some prompts: its *score* is the fraction of prompts where the first wins, its
 *margin* the mean probability difference (the CounterFact "magnitude"). For a multi-token answer
 the probability is the geometric mean of its tokens' teacher-forced probabilities; an answer
-wins when its mean log-probability is higher by more than :data:`WIN_TOLERANCE`.
+wins when its mean log-probability is higher by more than :data:`WIN_TOLERANCE`. Its
+*generated* score asks what the model says without teacher forcing: the fraction of prompts
+whose greedy continuation begins with the first answer, whole words
+(:mod:`kloc_lens.edit.generate`; as many tokens as the longest answer of the fact plus one).
+Reports give the generated score first: teacher forcing inflates edit success ("The Mirage of
+Model Editing", 2025).
 
 ===================  ===========  ==============================================  ================
 metric               perspective  prompts                                         wins if
@@ -63,6 +68,7 @@ from tqdm.auto import tqdm
 from kloc_lens.edit._errors import EditError, choice
 from kloc_lens.edit._tokens import encode, pad_rows, target_ids
 from kloc_lens.edit.apply import Edit, edit_hooks
+from kloc_lens.edit.generate import generates, greedy_rows
 from kloc_lens.edit.request import EditRequest
 from kloc_lens.facts import Perspective, Prompt
 from kloc_lens.model import model_identity
@@ -134,6 +140,9 @@ class MetricScore:
         post: Fraction of prompts won with the edit.
         pre_margin: Mean probability difference (first minus second answer) before.
         post_margin: The same with the edit.
+        pre_generated: Fraction of prompts whose greedy continuation gives the first answer,
+            before the edit (NaN: not measured).
+        post_generated: The same with the edit.
     """
 
     metric: EditMetric
@@ -142,6 +151,8 @@ class MetricScore:
     post: float
     pre_margin: float
     post_margin: float
+    pre_generated: float = math.nan
+    post_generated: float = math.nan
 
     @property
     def change(self) -> float:
@@ -189,6 +200,8 @@ class FactEvaluation:
                     "post": clean(s.post),
                     "pre_margin": clean(s.pre_margin),
                     "post_margin": clean(s.post_margin),
+                    "pre_generated": clean(s.pre_generated),
+                    "post_generated": clean(s.post_generated),
                 }
                 for s in self.scores
             ],
@@ -214,6 +227,8 @@ class FactEvaluation:
                     number(s["post"]),
                     number(s["pre_margin"]),
                     number(s["post_margin"]),
+                    number(s.get("pre_generated")),
+                    number(s.get("post_generated")),
                 )
                 for s in data["scores"]
             )
@@ -312,6 +327,8 @@ class EditEvaluation:
                         "metric": score.metric.value,
                         "evaluated": score.metric.perspective.value,
                         "n_prompts": score.n_prompts,
+                        "pre_generated": score.pre_generated,
+                        "post_generated": score.post_generated,
                         "pre": score.pre,
                         "post": score.post,
                         "pre_margin": score.pre_margin,
@@ -326,7 +343,7 @@ class EditEvaluation:
         Facts on which a metric has no prompts are left out of its row.
         """
         frame = self.to_dataframe()
-        columns = ["pre", "post", "pre_margin", "post_margin"]
+        columns = ["pre_generated", "post_generated", "pre", "post", "pre_margin", "post_margin"]
         if frame.empty:
             return pd.DataFrame(
                 columns=["edited", "metric", "evaluated", "n_facts", "n_prompts", *columns]
@@ -430,8 +447,23 @@ def _top_tokens(
     return probs.argmax(-1).tolist(), probs
 
 
+def _continuations(
+    model: Any, prompts: Sequence[Prompt], n_tokens: int, hooks: Sequence[tuple[str, Any]]
+) -> dict[str, list[int]]:
+    """The greedy continuation of each distinct prompt text."""
+    texts = list(dict.fromkeys(prompt.text for prompt in prompts))
+    forward = None
+    if hooks:
+        forward = lambda tokens, _: model.run_with_hooks(tokens, fwd_hooks=list(hooks))  # noqa: E731
+    runs = greedy_rows(model, [encode(model, text) for text in texts], n_tokens, forward)
+    return dict(zip(texts, runs, strict=True))
+
+
 def _same_subject(
-    model: Any, request: EditRequest, hooks: Sequence[tuple[str, Any]]
+    model: Any,
+    request: EditRequest,
+    hooks: Sequence[tuple[str, Any]],
+    generated: tuple[dict[str, list[int]], dict[str, list[int]]],
 ) -> MetricScore:
     """Relation specificity: how many of the subject's other facts answer their own object."""
     if not request.related:
@@ -443,6 +475,10 @@ def _same_subject(
     n = len(prompts)
     rows = torch.arange(n, device=p_before.device)
     token = torch.tensor(before, device=p_before.device)
+
+    def said(runs: dict[str, list[int]]) -> float:
+        return sum(1.0 for p in prompts if generates(model, runs[p.text], p.target)) / n
+
     return MetricScore(
         EditMetric.SAME_SUBJECT,
         n,
@@ -450,6 +486,8 @@ def _same_subject(
         post=sum(1.0 for a, o in zip(after, own, strict=True) if a == o) / n,
         pre_margin=0.0,
         post_margin=float((p_after[rows, token] - p_before[rows, token]).mean()),
+        pre_generated=said(generated[0]),
+        post_generated=said(generated[1]),
     )
 
 
@@ -462,9 +500,22 @@ def _evaluate_one(
         pairs.extend([(prompt, first), (prompt, second)])
     before = _log_probabilities(model, pairs, ())
     after = _log_probabilities(model, pairs, hooks)
-    # per comparison: (won before, won after, margin before, margin after)
-    by_metric: dict[EditMetric, list[tuple[bool, bool, float, float]]] = {m: [] for m in EditMetric}
-    for index, (metric, _, _, _) in enumerate(comparisons):
+    # without teacher forcing: greedy continuations long enough to hold any answer whole
+    prompts = [prompt for _, prompt, _, _ in comparisons]
+    prompts += [fact.entity_prompt() for fact in request.related]
+    answers = [(prompt, answer) for prompt, answer in pairs]
+    answers += [(prompt, prompt.target) for prompt in prompts[len(comparisons) :]]
+    n_tokens = 1 + max(len(target_ids(model, p, a, "answer")) for p, a in answers)
+    generated = (
+        _continuations(model, prompts, n_tokens, ()),
+        _continuations(model, prompts, n_tokens, hooks),
+    )
+    # per comparison: (won before, won after, margin before, margin after, generated before,
+    # generated after)
+    by_metric: dict[EditMetric, list[tuple[bool, bool, float, float, bool, bool]]] = {
+        m: [] for m in EditMetric
+    }
+    for index, (metric, prompt, answer, _) in enumerate(comparisons):
         first, second = 2 * index, 2 * index + 1
         by_metric[metric].append(
             (
@@ -472,25 +523,30 @@ def _evaluate_one(
                 after[first] - after[second] > WIN_TOLERANCE,
                 math.exp(before[first]) - math.exp(before[second]),
                 math.exp(after[first]) - math.exp(after[second]),
+                generates(model, generated[0][prompt.text], answer),
+                generates(model, generated[1][prompt.text], answer),
             )
         )
     scores = []
     for metric, results in by_metric.items():
         if metric is EditMetric.SAME_SUBJECT:
-            scores.append(_same_subject(model, request, hooks))
+            scores.append(_same_subject(model, request, hooks, generated))
             continue
         if not results:
             scores.append(MetricScore(metric, 0, math.nan, math.nan, math.nan, math.nan))
             continue
         n = len(results)
+        columns = list(zip(*results, strict=True))
         scores.append(
             MetricScore(
                 metric,
                 n,
-                pre=sum(1.0 for won, _, _, _ in results if won) / n,
-                post=sum(1.0 for _, won, _, _ in results if won) / n,
-                pre_margin=sum(margin for _, _, margin, _ in results) / n,
-                post_margin=sum(margin for _, _, _, margin in results) / n,
+                pre=sum(1.0 for won in columns[0] if won) / n,
+                post=sum(1.0 for won in columns[1] if won) / n,
+                pre_margin=sum(columns[2]) / n,
+                post_margin=sum(columns[3]) / n,
+                pre_generated=sum(1.0 for said in columns[4] if said) / n,
+                post_generated=sum(1.0 for said in columns[5] if said) / n,
             )
         )
     return FactEvaluation(

@@ -37,6 +37,7 @@ from torch import Tensor
 from kloc_lens.edit._errors import EditError
 from kloc_lens.edit._tokens import encode, pad_rows
 from kloc_lens.edit.apply import Edit, LowRankUpdate, applied, edit_hooks
+from kloc_lens.edit.generate import check_tokens, generate_greedy, greedy_rows
 from kloc_lens.edit.projection import Projection
 
 __all__ = [
@@ -288,38 +289,10 @@ def _generate(
     edits: Sequence[Edit],
     n_tokens: int,
 ) -> list[list[int]]:
-    n_ctx = int(model.cfg.n_ctx)
-    current = [list(row) for row in rows]
-    generated: list[list[int]] = [[] for _ in rows]
-    with torch.no_grad():
-        for _ in range(n_tokens):
-            live = [i for i, row in enumerate(current) if len(row) < n_ctx]
-            if not live:
-                break
-            batch = pad_rows(model, [current[i] for i in live])
-            logits = _forward(model, batch.tokens, edits, [owners[i] for i in live])
-            for slot, i in enumerate(live):
-                token = int(logits[slot, batch.lengths[slot] - 1].argmax())
-                current[i].append(token)
-                generated[i].append(token)
-    return generated
+    def forward(tokens: Tensor, live: Sequence[int]) -> Tensor:
+        return _forward(model, tokens, edits, [owners[i] for i in live])
 
-
-def _check_tokens(n_tokens: int) -> None:
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-        raise EditError(f"n_tokens must be an integer >= 1, got {n_tokens!r}")
-
-
-def generate_greedy(model: Any, prompts: Sequence[str], n_tokens: int = 20) -> list[list[int]]:
-    """The ``n_tokens`` most likely continuation tokens of each prompt, one at a time (fewer
-    where the model's context ends), computed as one right-padded batch.
-
-    Raises:
-        EditError: ``prompts`` is empty or holds a non-string; ``n_tokens`` < 1.
-    """
-    _check_tokens(n_tokens)
-    rows = _rows(model, prompts, "prompts")
-    return _generate(model, rows, [-1] * len(rows), (), n_tokens)
+    return greedy_rows(model, rows, n_tokens, forward)
 
 
 def ngram_entropy(
@@ -396,7 +369,7 @@ def check_collapse(
     Returns:
         The check.
     """
-    _check_tokens(n_tokens)
+    check_tokens(n_tokens)
     limits = thresholds or CollapseThresholds()
     ratio = update_ratio(model, edit)
     if before is None:
@@ -437,7 +410,7 @@ def check_collapse_each(
         EditError: ``texts`` or ``prompts`` do not hold one sequence per edit, or one of
             them is empty; as :func:`check_collapse`.
     """
-    _check_tokens(n_tokens)
+    check_tokens(n_tokens)
     limits = thresholds or CollapseThresholds()
     edits = list(edits)
     if not edits:
