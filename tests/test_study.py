@@ -102,14 +102,18 @@ def test_editing_half(study):
     entity = editing.metrics["entity"]
     # entity edits at the planted MLP flip the planted facts
     assert entity["efficacy"]["pre"].value == 0.0 and entity["efficacy"]["post"].value == 1.0
+    # without teacher forcing too: the edited planted model says the new object
+    assert entity["efficacy"]["pre_generated"].value == 0.0
+    assert entity["efficacy"]["post_generated"].value == 1.0
     assert sorted(editing.layer_sweep) == [1]
     assert editing.layer_sweep[1]["entity"]["efficacy"]["post"].n == 1
     summary = result.summary()["editing"]
     assert summary["transfer"]["entity"]["entity"]["post"]["value"] == 1.0
-    assert (
-        "Entity edits reach 100% (95% CI 100-100, n=2) efficacy"
-        in (out / "report.html").read_text()
-    )
+    report = (out / "report.html").read_text()
+    assert "entity edits reach 100% (95% CI 100-100, n=2) efficacy" in report
+    generated = "make the model say the new object on 100% (95% CI 100-100, n=2)"
+    assert generated in report
+    assert report.index(generated) < report.index("Teacher-forced, entity edits")
     # every edit was checked for collapse, and none of these small updates is disabling
     assert len(editing.collapse) == 4 and not any(c.disabling for c in editing.collapse)
     assert all(0 < c.update_ratio < 1 for c in editing.collapse)
@@ -360,3 +364,91 @@ def test_report_renders_in_a_headless_browser(study, tmp_path):
     rendered = re.findall(r'<div id="fig-([\w-]+)" class="kloc-plot[^"]*js-plotly-plot', dom)
     assert rendered == [f[0] for f in report_figures(result)]
     assert dom.count('class="main-svg"') >= len(rendered)
+
+
+def test_location_controls_equal_edits_made_there_by_hand(study):
+    """The random-position control of every sweep fact, recomputed one edit at a time with the
+    key token the study drew; the planted sweep has one layer, so a random layer and the best
+    layer are the traced one."""
+    from kloc_lens.edit import EditRequest, RomeEditor, evaluate_edit, second_moment
+    from kloc_lens.edit.evaluate import HEADLINE
+    from kloc_lens.study.edits import _other_key
+    from kloc_lens.study.store import sample_items
+
+    model, facts, result, _ = study
+    editing = result.editing
+    assert editing is not None and set(editing.controls) == {"entity", "relation"}
+    checked = _facts(facts)
+    known = [checked[i] for i in result.knowledge.known]
+    candidates = [f for f in known if f.new_object]
+    sweep = sample_items(candidates, CONFIG.n_edit, CONFIG.seed + 1)[: CONFIG.n_layer_sweep]
+    stats = second_moment(model, facts.mlp_layer, planted_corpus(facts), progress=False)
+    drawn: dict[str, int] = {}
+    for perspective, by_location in editing.controls.items():
+        metric = HEADLINE[kl.Perspective(perspective)]
+        for field in ("post", "post_generated"):
+            traced = by_location["traced"][field]
+            assert traced.n == len(sweep)
+            assert by_location["random_layer"][field].value == traced.value
+            assert by_location["best_layer"][field].value == traced.value
+        scores = []
+        for fact in sweep:
+            request = EditRequest(fact, perspective=perspective, none_target="a")
+            token = _other_key(request, CONFIG.seed)
+            assert token.value != "subject_last"
+            drawn[token.value] = drawn.get(token.value, 0) + 1
+            editor = RomeEditor(layer=editing.layer, stats=stats, key_token=token)
+            edit = editor.compute(model, request)
+            scores.append(evaluate_edit(model, edit, request).facts[0].score(metric))
+        placed = by_location["random_position"]
+        assert placed["post"].value == pytest.approx(np.mean([s.post for s in scores]))
+        assert placed["post_generated"].value == pytest.approx(
+            np.mean([s.post_generated for s in scores])
+        )
+    assert editing.control_keys == drawn
+    text = " ".join(editing.sentences())
+    assert "with the key at a random non-subject token" in text
+
+
+def test_location_controls_on_a_constructed_table():
+    """Three facts x three layers of known efficacies (one disabling edit): the traced column,
+    the per-fact mean and max over layers, and the random-position edits, by hand."""
+    from kloc_lens.edit.evaluate import EditMetric, FactEvaluation, MetricScore
+    from kloc_lens.edit.guard import CollapseCheck
+    from kloc_lens.study.editing import location_controls
+
+    table = np.array([[1.0, 0.0, 0.5], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    broken = {(2, 1)}  # fact 2's edit at layer 1 is disabling
+    placed = [0.0, 1.0, 0.25]
+
+    def evaluation(fact: int, post: float) -> FactEvaluation:
+        score = MetricScore(EditMetric.EFFICACY, 1, 0.0, post, 0.0, post, 0.0, 1.0 - post)
+        return FactEvaluation(f"s{fact}", "r", "o", "n", kl.Perspective.ENTITY, (score,))
+
+    def check(bad: bool) -> CollapseCheck:
+        return CollapseCheck(
+            update_ratio=50.0 if bad else 1.0,
+            loss_before=1.0,
+            loss_after=1.0,
+            entropy_before=2.0,
+            entropy_after=2.0,
+            reasons=("update ratio",) if bad else (),
+        )
+
+    sweep = {
+        layer: [(evaluation(f, table[f, layer]), check((f, layer) in broken)) for f in range(3)]
+        for layer in range(3)
+    }
+    other = [(evaluation(f, placed[f]), check(False)) for f in range(3)]
+    out = location_controls(sweep, other, 1, n_bootstrap=100, seed=0)["entity"]
+    masked = table.copy()
+    masked[2, 1] = np.nan
+    assert out["traced"]["post"].value == pytest.approx(np.nanmean(masked[:, 1]))
+    assert out["traced"]["post"].n == 2
+    assert out["random_layer"]["post"].value == pytest.approx(np.nanmean(masked, 1).mean())
+    assert out["best_layer"]["post"].value == pytest.approx(np.nanmax(masked, 1).mean())
+    assert out["random_position"]["post"].value == pytest.approx(np.mean(placed))
+    generated = 1.0 - masked
+    assert out["best_layer"]["post_generated"].value == pytest.approx(
+        np.nanmax(generated, 1).mean()
+    )

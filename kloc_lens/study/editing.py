@@ -64,9 +64,12 @@ def _post_pre(
 ) -> dict[str, Estimate]:
     scores = [f.score(metric) for f in evaluations if f.score(metric).n_prompts > 0]
     out: dict[str, Estimate] = {}
-    for field in ("pre", "post"):
-        values = torch.tensor([getattr(s, field) for s in scores], dtype=torch.float64)
-        out[field] = bootstrap(lambda x: x.mean(), values, n_resamples=n_bootstrap, seed=seed)
+    # generated first: what the edited model says, then the teacher-forced scores
+    for field in ("pre_generated", "post_generated", "pre", "post"):
+        values = [getattr(s, field) for s in scores]
+        values = [v for v in values if not math.isnan(v)]  # generated: NaN in older results
+        tensor = torch.tensor(values, dtype=torch.float64)
+        out[field] = bootstrap(lambda x: x.mean(), tensor, n_resamples=n_bootstrap, seed=seed)
     change = torch.tensor([s.post - s.pre for s in scores], dtype=torch.float64)
     out["change"] = bootstrap(lambda x: x.mean(), change, n_resamples=n_bootstrap, seed=seed)
     return out
@@ -75,8 +78,10 @@ def _post_pre(
 def metric_estimates(
     evaluations: Sequence[FactEvaluation], *, n_bootstrap: int, seed: int
 ) -> dict[str, dict[str, dict[str, Estimate]]]:
-    """``[edited perspective][metric]["pre" | "post" | "change"]``: means over facts with
-    intervals (facts on which a metric has no prompt are left out of it)."""
+    """``[edited perspective][metric][field]``: means over facts with intervals, for the
+    fields ``pre_generated``, ``post_generated`` (greedy generation gives the answer),
+    ``pre``, ``post`` (teacher-forced) and ``change`` (``post - pre``); facts on which a metric
+    has no prompt are left out of it."""
     out: dict[str, dict[str, dict[str, Estimate]]] = {}
     for perspective in PERSPECTIVES:
         facts = [f for f in evaluations if f.edited is perspective]
@@ -85,6 +90,86 @@ def metric_estimates(
         out[perspective.value] = {
             metric.value: _post_pre(facts, metric, n_bootstrap, seed) for metric in EditMetric
         }
+    return out
+
+
+LOCATIONS = ("traced", "random_layer", "best_layer", "random_position")
+"""The edit locations of :func:`location_controls`, the traced one first."""
+
+
+def location_controls(
+    sweep: dict[int, list[tuple[FactEvaluation, CollapseCheck]]],
+    other: Sequence[tuple[FactEvaluation, CollapseCheck]],
+    layer: int,
+    *,
+    n_bootstrap: int,
+    seed: int,
+) -> dict[str, dict[str, dict[str, Estimate]]]:
+    """Wang & Veitch's controls: is the traced location better than an arbitrary one?
+
+    ``[edited perspective][location][field]`` for the edited side's headline metric, the
+    fields ``post_generated`` and ``post``, over the layer sweep's facts. Locations (one edit
+    per fact each, with the same editor):
+
+    - ``traced``: the chosen layer, key at the subject's last token;
+    - ``random_layer``: a layer drawn uniformly from the sweep's, in expectation (each fact's
+      mean over its layers);
+    - ``best_layer``: each fact's best layer of the sweep (an oracle, for scale);
+    - ``random_position``: the chosen layer with the key at a non-subject token drawn per fact
+      (``other``).
+
+    Disabling edits are left out (of a fact's layers, or the fact).
+
+    Args:
+        sweep: Per layer, the sweep's evaluations and their collapse checks.
+        other: The random-position edits.
+        layer: The chosen layer.
+        n_bootstrap: Resamples of the intervals.
+        seed: Their seed.
+    """
+    out: dict[str, dict[str, dict[str, Estimate]]] = {}
+    for perspective in PERSPECTIVES:
+
+        def values(
+            pairs: Sequence[tuple[FactEvaluation, CollapseCheck]],
+            field: str,
+            perspective: Perspective = perspective,
+        ) -> dict[tuple[str, str], float]:
+            metric = HEADLINE[perspective]
+            return {
+                (e.subject, e.relation): (
+                    math.nan if c.disabling else getattr(e.score(metric), field)
+                )
+                for e, c in pairs
+                if e.edited is perspective
+            }
+
+        by_location: dict[str, dict[str, Estimate]] = {}
+        for field in ("post_generated", "post"):
+            tables = {at: values(pairs, field) for at, pairs in sweep.items()}
+            facts = list(tables.get(layer, {}))
+            if not facts:
+                continue
+            grid = torch.tensor(
+                [[tables[at].get(f, math.nan) for at in sorted(tables)] for f in facts],
+                dtype=torch.float64,
+            )
+            placed = values(other, field)
+            columns = {
+                "traced": grid[:, sorted(tables).index(layer)],
+                "random_layer": grid.nanmean(1),
+                "best_layer": grid.nan_to_num(-math.inf).amax(1),
+                "random_position": torch.tensor(
+                    [placed.get(f, math.nan) for f in facts], dtype=torch.float64
+                ),
+            }
+            for at, column in columns.items():
+                kept = column[torch.isfinite(column)]
+                by_location.setdefault(at, {})[field] = bootstrap(
+                    lambda x: x.mean(), kept, n_resamples=n_bootstrap, seed=seed
+                )
+        if by_location:
+            out[perspective.value] = by_location
     return out
 
 
@@ -106,6 +191,8 @@ class Editing:
         sweep_disabling: Per layer of the sweep, how many of its edits were disabling.
         informs: Does the trace predict edit success on the sweep's facts (Hase et al.'s
             regression, :mod:`.informs`); ``None`` without a sweep.
+        controls: :func:`location_controls` on the sweep's facts (empty without a sweep).
+        control_keys: How many random-position edits read their key at each token.
 
     Disabling edits are kept in ``evaluation`` and ``edit_scores.json``, flagged, and left out
     of ``metrics``, ``layer_sweep`` and the figures: a broken model's scores are not averaged
@@ -123,6 +210,8 @@ class Editing:
     thresholds: CollapseThresholds = dataclasses.field(default_factory=CollapseThresholds)
     sweep_disabling: dict[int, int] = dataclasses.field(default_factory=dict)
     informs: Informs | None = None
+    controls: dict[str, dict[str, dict[str, Estimate]]] = dataclasses.field(default_factory=dict)
+    control_keys: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.collapse and len(self.collapse) != len(self.evaluation.facts):
@@ -168,10 +257,20 @@ class Editing:
             "bootstrap intervals over facts."
         ]
         entity = self.metrics.get("entity")
+        if entity is not None and "post_generated" in entity["efficacy"]:
+            lines.append(
+                "Generated without teacher forcing, entity edits make the model say the new "
+                f"object on {entity['efficacy']['post_generated'].percent()} of edited prompts "
+                f"(from {entity['efficacy']['pre_generated'].percent()}) and "
+                f"{entity['paraphrase']['post_generated'].percent()} of paraphrases; other "
+                f"subjects still say their own object on "
+                f"{entity['neighborhood']['post_generated'].percent()}."
+            )
         if entity is not None:
             lines.append(
-                f"Entity edits reach {entity['efficacy']['post'].percent()} efficacy (from "
-                f"{entity['efficacy']['pre'].percent()}), {entity['paraphrase']['post'].percent()} "
+                f"Teacher-forced, entity edits reach {entity['efficacy']['post'].percent()} "
+                f"efficacy (from {entity['efficacy']['pre'].percent()}), "
+                f"{entity['paraphrase']['post'].percent()} "
                 f"on paraphrases, keep {entity['neighborhood']['post'].percent()} of other "
                 f"subjects' answers and {entity['same_subject']['post'].percent()} of the "
                 "subject's other relations; the relation side (relation_add) moves by "
@@ -179,18 +278,53 @@ class Editing:
             )
         relation = self.metrics.get("relation")
         if relation is not None:
+            add = relation["relation_add"]
+            said = (
+                "Relation edits make the model generate the relation on "
+                f"{add['post_generated'].percent()} of relation prompts with the new object "
+                f"(from {add['pre_generated'].percent()}); teacher-forced, they"
+                if "post_generated" in add
+                else "Relation edits"
+            )
             lines.append(
-                "Relation edits raise relation_add from "
-                f"{relation['relation_add']['pre'].percent()} to "
-                f"{relation['relation_add']['post'].percent()} and relation_remove from "
+                f"{said} raise relation_add from {add['pre'].percent()} to "
+                f"{add['post'].percent()} and relation_remove from "
                 f"{relation['relation_remove']['pre'].percent()} to "
                 f"{relation['relation_remove']['post'].percent()}; entity efficacy moves by "
                 f"{_points(relation['efficacy']['change'])}."
             )
         if self.collapse:
             lines.append(self.collapse_sentence())
+        lines.extend(self.control_sentences())
         if self.informs is not None:
             lines.extend(self.informs.sentences())
+        return lines
+
+    def control_sentences(self) -> list[str]:
+        """Per perspective: the traced location beside a random layer, the best layer and a
+        random non-subject key token (generated scores, then teacher-forced)."""
+        lines = []
+        keys = ", ".join(f"{k} for {n}" for k, n in sorted(self.control_keys.items()))
+        for perspective, by_location in self.controls.items():
+            metric = HEADLINE[Perspective(perspective)].value
+            parts = []
+            for field, how in (("post_generated", "generated"), ("post", "teacher-forced")):
+                cells = {at: by_location[at][field] for at in LOCATIONS if field in by_location[at]}
+                if len(cells) < len(LOCATIONS):
+                    continue
+                parts.append(
+                    f"{how} {cells['traced'].percent()} at the traced layer {self.layer}, "
+                    f"{cells['random_layer'].percent()} at a random layer, "
+                    f"{cells['best_layer'].percent()} at each fact's best layer and "
+                    f"{cells['random_position'].percent()} with the key at a random "
+                    "non-subject token"
+                )
+            if parts:
+                lines.append(
+                    f"Controls on the layer sweep's facts ({perspective} edits, {metric}): "
+                    + "; ".join(parts)
+                    + (f" (key tokens drawn: {keys})." if keys else ".")
+                )
         return lines
 
     def collapse_sentence(self) -> str:
@@ -248,6 +382,7 @@ class Editing:
                 ],
             },
             "informs": None if self.informs is None else self.informs.as_dict(),
+            "controls": {"locations": _nested(self.controls), "key_tokens": self.control_keys},
             "text": self.sentences(),
         }  # fmt: skip
 

@@ -7,6 +7,7 @@ trace effect is :mod:`.informs`'s. See :mod:`.editing` for what is edited where.
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
@@ -19,7 +20,7 @@ from kloc_lens.edit.guard import (
     generation_entropy,
     text_loss,
 )
-from kloc_lens.edit.keys import ContextSpec
+from kloc_lens.edit.keys import ContextSpec, KeyToken
 from kloc_lens.edit.request import EditRequest
 from kloc_lens.edit.rome import RomeEditor
 from kloc_lens.edit.stats import corpus_hash, second_moment
@@ -29,7 +30,7 @@ from kloc_lens.facts import Fact, TokenizedPrompt, tokenize
 from kloc_lens.model import model_identity
 from kloc_lens.results import TraceSet
 from kloc_lens.study.config import StudyConfig, StudyError
-from kloc_lens.study.editing import Editing, LayerChoice, metric_estimates
+from kloc_lens.study.editing import Editing, LayerChoice, location_controls, metric_estimates
 from kloc_lens.study.informs import Informs, informs_analysis
 from kloc_lens.study.localization import Localization
 from kloc_lens.study.store import Units, fact_data, sample_items, unit_key
@@ -40,6 +41,25 @@ __all__ = ["edit_phase"]
 # most of the per-call overhead on a small model, few enough that one batch of a large model's
 # fits (each of ~20 contexts x 2 sequences) stays in memory.
 _EDIT_CHUNK = 8
+
+# The random-position control: the key read (and the value written) at a token outside the
+# subject, drawn per fact from the spans every prompt of that perspective has.
+_OTHER_KEYS = {
+    "entity": (KeyToken.RELATION_LAST, KeyToken.LAST),
+    "relation": (KeyToken.OBJECT_LAST, KeyToken.LAST),
+}
+
+
+def _other_key(request: Any, seed: int) -> KeyToken:
+    """A non-subject key token for the random-position control, seeded by the fact."""
+    prompts = [objective.prompt for objective in request.objectives()]
+    options = [
+        k
+        for k in _OTHER_KEYS[request.edited.value]
+        if k is KeyToken.LAST or all(k.span in p.char_spans for p in prompts)
+    ]
+    name = f"{seed}\0{request.fact.subject}\0{request.fact.relation}\0{request.edited.value}"
+    return random.Random(name).choice(options)
 
 
 def _choose_layer(config: StudyConfig, entity: Localization) -> LayerChoice:
@@ -142,9 +162,25 @@ def edit_phase(
     for layer in layers:
         facts = chosen if layer == choice.layer else sweep
         plan.extend((layer, request) for fact in facts for request in requests(fact))
+    # the random-position control (the sweep's facts, at the chosen layer), after the plan
+    n_main = len(plan)
+    other = sorted(
+        ((_other_key(r, config.seed), r) for f in sweep for r in requests(f)),
+        key=lambda item: item[0].value,
+    )
+    plan.extend((choice.layer, request) for _, request in other)
+    keyed: list[KeyToken | None] = [None] * n_main + [k for k, _ in other]
 
-    def key(layer: int, request: Any) -> str:
-        rome, stats = editor(layer)
+    def editor_of(i: int) -> tuple[Any, Any]:
+        rome, stats = editor(plan[i][0])
+        if keyed[i] is not None:
+            rome = dataclasses.replace(rome, key_token=keyed[i])
+        return rome, stats
+
+    def key(i: int) -> str:
+        request = plan[i][1]
+        rome, stats = editor_of(i)
+        layer = plan[i][0]
         return unit_key(
             "edit",
             {
@@ -162,19 +198,22 @@ def edit_phase(
             },
         )
 
-    keys = [key(layer, request) for layer, request in plan]
+    keys = [key(i) for i in range(len(plan))]
 
-    # Edits of one layer are computed a chunk of the plan at a time (their keys in one
-    # forward, their value fits in one batch); the chunks are fixed by the plan alone.
+    # Edits of one editor (layer and key token) are computed a chunk of the plan at a time
+    # (their keys in one forward, their value fits in one batch); the chunks are fixed by the
+    # plan alone.
     groups: list[list[int]] = []
     for i, (layer, _) in enumerate(plan):
-        if groups and plan[groups[-1][0]][0] == layer and len(groups[-1]) < _EDIT_CHUNK:
+        last = groups[-1][0] if groups else -1
+        same = groups and (plan[last][0], keyed[last]) == (layer, keyed[i])
+        if same and len(groups[-1]) < _EDIT_CHUNK:
             groups[-1].append(i)
         else:
             groups.append([i])
 
     def compute(group: Sequence[int]) -> list[dict[str, Any]]:
-        rome, _ = editor(plan[group[0]][0])
+        rome, _ = editor_of(group[0])
         batch = [plan[i][1] for i in group]
         edits = rome.compute_each(model, batch)
         checks = guard.check_each(edits, batch)
@@ -194,9 +233,13 @@ def edit_phase(
         desc="edits (layer sweep and chosen layer)",
     )
     by_layer: dict[int, list[tuple[FactEvaluation, CollapseCheck]]] = {}
-    for (layer, _), data in zip(plan, units_data, strict=True):
+    for (layer, _), data in zip(plan[:n_main], units_data[:n_main], strict=True):
         pair = (FactEvaluation.from_dict(data), CollapseCheck.from_dict(data["collapse"]))
         by_layer.setdefault(layer, []).append(pair)
+    at_other = [
+        (FactEvaluation.from_dict(data), CollapseCheck.from_dict(data["collapse"]))
+        for data in units_data[n_main:]
+    ]
     main = by_layer[choice.layer]
     sweep_names = {f.subject + "\0" + f.relation for f in sweep}
     in_sweep = {
@@ -213,7 +256,20 @@ def edit_phase(
     }
     informs = None
     if len(sweep) >= 2 and trace is not None:  # a regression needs two facts
-        informs = _informs(model, sweep, layers, plan, units_data, editor, config, trace)
+        informs = _informs(
+            model, sweep, layers, plan[:n_main], units_data[:n_main], editor, config, trace
+        )
+    controls = (
+        location_controls(
+            in_sweep,
+            at_other,
+            choice.layer,
+            n_bootstrap=config.n_bootstrap,
+            seed=config.seed,
+        )
+        if sweep
+        else {}
+    )
     rome, stats = editor(choice.layer)
     return Editing(
         choice=choice,
@@ -235,6 +291,8 @@ def edit_phase(
             else {}
         ),
         informs=informs,
+        controls=controls,
+        control_keys={k.value: sum(1 for j, _ in other if j is k) for k in {j for j, _ in other}},
     )
 
 

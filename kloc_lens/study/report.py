@@ -396,17 +396,42 @@ def _numbers_table(numbers: dict[str, Any], layers: dict[str, int] | None = None
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:
+    """Generated scores first (what the edited model says), then teacher-forced ones."""
+    fields = ("pre_generated", "post_generated", "pre", "post")
     rows = []
     for perspective, by_metric in metrics.items():
         for metric, cell in by_metric.items():
             if cell["post"]["n"] == 0:
                 continue
-            rows.append(
-                f"<tr><td>{perspective}</td><td>{metric}</td>"
-                f"<td>{html.escape(_est(cell['pre']))}</td>"
-                f"<td>{html.escape(_est(cell['post']))}</td></tr>"
+            cells = "".join(
+                f"<td>{html.escape(_est(cell[f]))}</td>" if f in cell else "<td></td>"
+                for f in fields
             )
-    head = "<tr><th>edited</th><th>metric</th><th>before</th><th>after</th></tr>"
+            rows.append(f"<tr><td>{perspective}</td><td>{metric}</td>{cells}</tr>")
+    head = (
+        "<tr><th>edited</th><th>metric</th><th>generated before</th><th>generated after</th>"
+        "<th>teacher-forced before</th><th>teacher-forced after</th></tr>"
+    )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _controls_table(controls: dict[str, Any]) -> str:
+    """The headline metric per edit location (the layer sweep's facts), generated first."""
+    names = {
+        "traced": "traced layer",
+        "random_layer": "random layer (expected)",
+        "best_layer": "best layer per fact",
+        "random_position": "random non-subject key token",
+    }
+    rows = []
+    for perspective, by_location in controls.items():
+        for location, cell in by_location.items():
+            rows.append(
+                f"<tr><td>{perspective}</td><td>{names.get(location, location)}</td>"
+                f"<td>{html.escape(_est(cell.get('post_generated')))}</td>"
+                f"<td>{html.escape(_est(cell.get('post')))}</td></tr>"
+            )
+    head = "<tr><th>edited</th><th>edit location</th><th>generated</th><th>teacher-forced</th></tr>"
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -469,6 +494,12 @@ def _page(result: Any, summary: dict[str, Any]) -> str:
         body.append("<h2>Editing at the chosen layer</h2>" + _metrics_table(editing["metrics"]))
         if editing["layer_sweep"]["layers"]:
             body.append("<h2>Edits per layer</h2>" + _sweep_table(editing["layer_sweep"]))
+        controls = editing.get("controls", {}).get("locations")
+        if controls:
+            body.append(
+                "<h2>Is the traced location better than an arbitrary one?</h2>"
+                + _controls_table(controls)
+            )
         if editing.get("informs"):
             body.append(
                 "<h2>Does localization inform editing?</h2>"
@@ -623,6 +654,11 @@ def load_study(directory: str | Path) -> Any:
                     int(layer): int(n) for layer, n in data["layer_sweep"]["n_disabling"].items()
                 },
                 informs=Informs.from_dict(data["informs"]) if data.get("informs") else None,
+                controls=nested(data.get("controls", {}).get("locations", {})),
+                control_keys={
+                    str(k): int(n)
+                    for k, n in data.get("controls", {}).get("key_tokens", {}).items()
+                },
             )
         return StudyResult(
             model=summary["model"],
