@@ -99,6 +99,11 @@ class EditLayerSweep:
         """Fraction of the metric's prompts won after each edit (NaN: no prompts)."""
         return self._table(metric, "post")
 
+    def generated(self, metric: EditMetric | str) -> Float[Tensor, "request layer"]:
+        """Share of the metric's prompts whose greedy continuation gives the answer, after
+        each edit (no teacher forcing; :mod:`kloc_lens.edit.generate`)."""
+        return self._table(metric, "post_generated")
+
     def margin(self, metric: EditMetric | str) -> Float[Tensor, "request layer"]:
         """The metric's mean probability margin after each edit (a continuous success)."""
         return self._table(metric, "post_margin")
@@ -135,6 +140,8 @@ class EditLayerSweep:
                             "layer": self.layers[j],
                             "metric": score.metric.value,
                             "n_prompts": score.n_prompts,
+                            "pre_generated": score.pre_generated,
+                            "post_generated": score.post_generated,
                             "pre": score.pre,
                             "post": score.post,
                             "pre_margin": score.pre_margin,
