@@ -81,6 +81,7 @@ from kloc_lens.edit.keys import ContextSpec, KeyToken, compute_key, generate_con
 from kloc_lens.edit.memit import MemitEditor, MultiLayerEdit
 from kloc_lens.edit.projection import Projection
 from kloc_lens.edit.request import EditRequest, Objective
+from kloc_lens.edit.retrace import Retrace, retrace_edit
 from kloc_lens.edit.rome import KeyForm, RankOneEdit, RomeEditor
 from kloc_lens.edit.stats import SecondMoment, load_second_moment, second_moment
 from kloc_lens.edit.sweep import EditLayerSweep, edit_layer_sweep
@@ -109,6 +110,7 @@ __all__ = [
     "Objective",
     "Projection",
     "RankOneEdit",
+    "Retrace",
     "RomeEditor",
     "SecondMoment",
     "TraceEditRegression",
@@ -128,6 +130,7 @@ __all__ = [
     "generate_contexts",
     "load_second_moment",
     "planted_corpus",
+    "retrace_edit",
     "second_moment",
     "trace_edit_regression",
 ]
