@@ -464,6 +464,12 @@ def _parser() -> argparse.ArgumentParser:
         help="of those, facts also edited at every layer of --edit-layers (%(default)s)",
     )
     cmd.add_argument(
+        "--n-retrace",
+        type=_count,
+        default=defaults.n_retrace,
+        help="of the edited facts, how many are traced again on the edited model (%(default)s)",
+    )
+    cmd.add_argument(
         "--edit-layers",
         type=_layers,
         default=None,
@@ -585,6 +591,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         "n_trace": args.n_trace,
         "n_edit": args.n_edit,
         "n_layer_sweep": args.n_layer_sweep,
+        "n_retrace": args.n_retrace,
         "edit_layers": args.edit_layers,
         "window": args.window,
         "samples": args.samples,

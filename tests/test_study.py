@@ -119,6 +119,18 @@ def test_editing_half(study):
     assert all(0 < c.update_ratio < 1 for c in editing.collapse)
     assert summary["collapse"]["checked"] == 4 and summary["collapse"]["n_disabling"] == 0
     assert "None of the 4 edits at layer 1 was disabling" in (out / "report.html").read_text()
+    # traced again after the edit: the planted fact and its replacement live at the planted MLP
+    # (the other MLPs are zero: a site can only be there, or absent when the new answer
+    # survives corrupting the subject)
+    side = editing.retrace["entity"]
+    assert side["n_facts"] == 2
+    assert all(u["peak_before"] == facts.mlp_layer for u in side["facts"])
+    assert all(u["peak_after"] in (None, facts.mlp_layer) for u in side["facts"])
+    unsited = sum(u["peak_after"] is None for u in side["facts"]) / 2
+    assert side["no_site_after"]["value"] == unsited
+    if unsited < 1:
+        assert side["moved"]["value"] == 0.0
+    assert "Traced again after the edit (entity edits, 2 facts" in report
 
 
 def test_disabling_edits_are_counted_and_left_out_of_the_numbers(planted, tmp_path, monkeypatch):

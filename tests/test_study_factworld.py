@@ -89,6 +89,7 @@ def test_study_command_on_a_tiny_factworld(study_out):
         "edit-metrics",
         "layer-sweep",
         "informs",
+        "retrace",
     ]
     assert results["knowledge"]["checked"] == 16  # 8 subjects x 2 relations
     for name in ("entity", "entity_paraphrase", "relation", "relation_paraphrase", "none"):
@@ -114,6 +115,20 @@ def test_study_command_on_a_tiny_factworld(study_out):
     assert informs["layers"] == [0, 1] and informs["n_facts_per_perspective"] == 2
     assert set(informs["regressions"]) == {"entity", "relation"}
     assert "Does localization inform editing?" in page
+    # every edited fact (n_edit=2 < n_retrace) traced again on its edited model
+    retrace = editing["retrace"]
+    assert set(retrace) == {"entity", "relation"}
+    for side in retrace.values():
+        assert side["n_facts"] == 2 and side["layers"] == [0, 1]
+        for unit in side["facts"]:
+            assert {unit["peak_before"], unit["peak_after"]} <= {0, 1, None}
+            assert unit["clean_after"] > 0  # the new answer has probability on the edited model
+        sited = [u for u in side["facts"] if None not in (u["peak_before"], u["peak_after"])]
+        if sited:
+            moved = sum(u["peak_before"] != u["peak_after"] for u in sited) / len(sited)
+            assert side["moved"]["value"] == moved
+        assert side["moved"]["n"] == len(sited)
+    assert "Traced again after the edit" in page
     scores = json.loads((study_out / "tensors" / "edit_scores.json").read_text())
     column = informs["layers"].index(editing["layer"])
     for perspective, metric in (("entity", "efficacy"), ("relation", "relation_add")):

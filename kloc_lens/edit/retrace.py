@@ -5,7 +5,9 @@ answers the new object; tracing that answer on the edited model (same prompt, sa
 shows where the edited model now carries the fact. ROME's account predicts the site stays put:
 the new value is written at the edited layer, at the subject's last token, and read from there
 as the old one was. :func:`retrace_edit` returns both traces and compares their MLP-window peaks
-at the subject's last token.
+at the subject's last token. An edit can also leave no site there: when the new answer survives
+corrupting the subject (the update fires on the corrupted keys too), restoring the subject's
+states recovers nothing, and the peak is undefined rather than "moved".
 
 Entity edits are traced on the edited entity prompt (before: the old object; after: the new).
 Relation edits are traced on the relation prompt (before: the relation, with the old object;
@@ -39,7 +41,11 @@ from kloc_lens.facts import Perspective, Prompt
 from kloc_lens.results import TraceResult, TraceSet
 from kloc_lens.trace import causal_trace
 
-__all__ = ["Retrace", "retrace_edit"]
+__all__ = ["SITE_SHARE", "Retrace", "retrace_edit"]
+
+SITE_SHARE = 0.1
+"""A trace has a site at the subject's last token when some layer's restore there recovers at
+least this share of its total effect (our threshold, not a published one)."""
 
 Which = str
 """``"before"`` (the unedited model) or ``"after"`` (the edited one)."""
@@ -76,17 +82,27 @@ class Retrace:
         column = trace.positions.index(position)
         return [float(x) for x in trace.indirect_effect[:, column]]
 
-    def peak_layer(self, which: Which, kind: str = "mlp") -> int:
+    def peak_layer(self, which: Which, kind: str = "mlp") -> int | None:
         """The layer whose restore (MLP window by default) at the subject's last token
-        recovers the most."""
+        recovers the most; ``None`` when no layer there recovers :data:`SITE_SHARE` of the
+        trace's total effect (the answer is not carried at the subject's last token, e.g. it
+        survives the corruption)."""
         effects = self.subject_last_effects(which, kind)
         trace = self._trace(which, kind)
-        return trace.layers[max(range(len(effects)), key=effects.__getitem__)]
+        best = max(range(len(effects)), key=effects.__getitem__)
+        total = trace.total_effect
+        if not total > 0 or not effects[best] >= SITE_SHARE * total:
+            return None
+        return trace.layers[best]
 
     @property
-    def moved(self) -> bool:
-        """Whether the MLP-window peak at the subject's last token changed layer."""
-        return self.peak_layer("before") != self.peak_layer("after")
+    def moved(self) -> bool | None:
+        """Whether the MLP-window peak at the subject's last token changed layer; ``None``
+        when either trace has no such site (:meth:`peak_layer`)."""
+        before, after = self.peak_layer("before"), self.peak_layer("after")
+        if before is None or after is None:
+            return None
+        return before != after
 
 
 def _prompts(request: EditRequest) -> tuple[tuple[Prompt, str], tuple[Prompt, str]]:

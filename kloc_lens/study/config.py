@@ -30,6 +30,8 @@ class StudyConfig:
         n_layer_sweep: Of those, how many are also edited at every layer of ``edit_layers`` (the
             layer trade-off: efficacy against relation specificity).
         edit_layers: Layers of the trade-off sweep; ``None`` for every layer.
+        n_retrace: Of the edited facts, how many are traced again on the edited model (each
+            perspective): did the causal site move? (:func:`~kloc_lens.edit.retrace_edit`).
         window: MLP/attention window; ``None`` for :func:`~kloc_lens.trace.default_window`.
         samples: Noise samples per trace.
         noise_factor: Noise scale in standard deviations of the span's token embeddings
@@ -60,6 +62,7 @@ class StudyConfig:
     n_edit: int = 200
     n_layer_sweep: int = 30
     edit_layers: tuple[int, ...] | None = None
+    n_retrace: int = 10
     window: int | None = None
     samples: int = 10
     noise_factor: float = 3.0
@@ -79,6 +82,7 @@ class StudyConfig:
             "n_trace": (self.n_trace, 1),
             "n_edit": (self.n_edit, 0),
             "n_layer_sweep": (self.n_layer_sweep, 0),
+            "n_retrace": (self.n_retrace, 0),
             "samples": (self.samples, 1),
             "n_bootstrap": (self.n_bootstrap, 1),
             "seed": (self.seed, 0),

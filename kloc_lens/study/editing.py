@@ -31,6 +31,7 @@ import torch
 
 from kloc_lens.edit.evaluate import HEADLINE, EditEvaluation, EditMetric, FactEvaluation
 from kloc_lens.edit.guard import CollapseCheck, CollapseThresholds
+from kloc_lens.edit.retrace import Retrace
 from kloc_lens.facts import Perspective
 from kloc_lens.intervals import Estimate, bootstrap
 from kloc_lens.study.informs import Informs
@@ -89,6 +90,68 @@ def metric_estimates(
             continue
         out[perspective.value] = {
             metric.value: _post_pre(facts, metric, n_bootstrap, seed) for metric in EditMetric
+        }
+    return out
+
+
+RETRACE_KINDS = ("resid", "mlp")
+"""The traces of a fact re-traced after its edit."""
+
+
+def retrace_data(again: Retrace) -> dict[str, Any]:
+    """A re-trace unit: per kind, before and after, the effect at the subject's last token per
+    layer, the MLP peaks and the clean scores."""
+    return {
+        "subject": again.request.fact.subject,
+        "relation": again.request.fact.relation,
+        "edited": again.request.edited.value,
+        "layers": list(again.before.get("mlp").layers),
+        "effects": {
+            which: {kind: again.subject_last_effects(which, kind) for kind in RETRACE_KINDS}
+            for which in ("before", "after")
+        },
+        "peak_before": again.peak_layer("before"),
+        "peak_after": again.peak_layer("after"),
+        "clean_before": again.before.clean_score,
+        "clean_after": again.after.clean_score,
+    }
+
+
+def retrace_summary(
+    units: Sequence[dict[str, Any]], *, n_bootstrap: int, seed: int
+) -> dict[str, Any]:
+    """Per edited perspective: how many facts were traced again; of those with a site at the
+    subject's last token before and after (:meth:`~kloc_lens.edit.Retrace.peak_layer`), the
+    share whose MLP peak moved layer; the share with no site after the edit; each with its
+    interval; the mean effect per layer before and after, and the units themselves."""
+    out: dict[str, Any] = {}
+    for perspective in PERSPECTIVES:
+        mine = [u for u in units if u["edited"] == perspective.value]
+        if not mine:
+            continue
+        sited = [u for u in mine if u["peak_before"] is not None and u["peak_after"] is not None]
+        moved = torch.tensor(
+            [float(u["peak_before"] != u["peak_after"]) for u in sited], dtype=torch.float64
+        )
+        unsited = torch.tensor([float(u["peak_after"] is None) for u in mine], dtype=torch.float64)
+        mean = {
+            which: {
+                kind: torch.tensor([u["effects"][which][kind] for u in mine]).mean(0).tolist()
+                for kind in RETRACE_KINDS
+            }
+            for which in ("before", "after")
+        }
+        out[perspective.value] = {
+            "n_facts": len(mine),
+            "layers": mine[0]["layers"],
+            "moved": bootstrap(
+                lambda x: x.mean(), moved, n_resamples=n_bootstrap, seed=seed
+            ).as_dict(),
+            "no_site_after": bootstrap(
+                lambda x: x.mean(), unsited, n_resamples=n_bootstrap, seed=seed
+            ).as_dict(),
+            "mean_effects": mean,
+            "facts": list(mine),
         }
     return out
 
@@ -193,6 +256,8 @@ class Editing:
             regression, :mod:`.informs`); ``None`` without a sweep.
         controls: :func:`location_controls` on the sweep's facts (empty without a sweep).
         control_keys: How many random-position edits read their key at each token.
+        retrace: :func:`retrace_summary` of the facts traced again after their edit (empty:
+            none).
 
     Disabling edits are kept in ``evaluation`` and ``edit_scores.json``, flagged, and left out
     of ``metrics``, ``layer_sweep`` and the figures: a broken model's scores are not averaged
@@ -212,6 +277,7 @@ class Editing:
     informs: Informs | None = None
     controls: dict[str, dict[str, dict[str, Estimate]]] = dataclasses.field(default_factory=dict)
     control_keys: dict[str, int] = dataclasses.field(default_factory=dict)
+    retrace: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.collapse and len(self.collapse) != len(self.evaluation.facts):
@@ -296,8 +362,31 @@ class Editing:
         if self.collapse:
             lines.append(self.collapse_sentence())
         lines.extend(self.control_sentences())
+        lines.extend(self.retrace_sentences())
         if self.informs is not None:
             lines.extend(self.informs.sentences())
+        return lines
+
+    def retrace_sentences(self) -> list[str]:
+        """Per perspective: did the causal site move after the edit?"""
+        lines = []
+        for perspective, side in self.retrace.items():
+            moved = Estimate.from_dict(side["moved"])
+            unsited = Estimate.from_dict(side["no_site_after"])
+            peaks = sorted(
+                {(u["peak_before"], u["peak_after"]) for u in side["facts"]},
+                key=lambda pair: tuple(-1 if x is None else x for x in pair),
+            )
+            shown = ", ".join(
+                f"{'none' if a is None else a}->{'none' if b is None else b}" for a, b in peaks
+            )
+            lines.append(
+                f"Traced again after the edit ({perspective} edits, {side['n_facts']} facts, "
+                "subject corrupted, the new answer on the edited model): where both traces "
+                "have a site at the subject's last token, the MLP-window peak moved layer for "
+                f"{moved.percent()} of facts; {unsited.percent()} of edits leave no site there "
+                f"(the new answer survives the corruption). Before -> after peaks: {shown}."
+            )
         return lines
 
     def control_sentences(self) -> list[str]:
@@ -383,6 +472,7 @@ class Editing:
             },
             "informs": None if self.informs is None else self.informs.as_dict(),
             "controls": {"locations": _nested(self.controls), "key_tokens": self.control_keys},
+            "retrace": self.retrace,
             "text": self.sentences(),
         }  # fmt: skip
 

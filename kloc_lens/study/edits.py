@@ -22,6 +22,7 @@ from kloc_lens.edit.guard import (
 )
 from kloc_lens.edit.keys import ContextSpec, KeyToken
 from kloc_lens.edit.request import EditRequest
+from kloc_lens.edit.retrace import retrace_edit
 from kloc_lens.edit.rome import RomeEditor
 from kloc_lens.edit.stats import corpus_hash, second_moment
 from kloc_lens.edit.sweep import EditLayerSweep
@@ -30,7 +31,15 @@ from kloc_lens.facts import Fact, TokenizedPrompt, tokenize
 from kloc_lens.model import model_identity
 from kloc_lens.results import TraceSet
 from kloc_lens.study.config import StudyConfig, StudyError
-from kloc_lens.study.editing import Editing, LayerChoice, location_controls, metric_estimates
+from kloc_lens.study.editing import (
+    RETRACE_KINDS,
+    Editing,
+    LayerChoice,
+    location_controls,
+    metric_estimates,
+    retrace_data,
+    retrace_summary,
+)
 from kloc_lens.study.informs import Informs, informs_analysis
 from kloc_lens.study.localization import Localization
 from kloc_lens.study.store import Units, fact_data, sample_items, unit_key
@@ -97,6 +106,7 @@ def edit_phase(
     corpus_name: str,
     progress: bool,
     trace: Callable[[Sequence[TokenizedPrompt], str], list[TraceSet]] | None = None,
+    corruption: Any = None,
 ) -> Editing | None:
     """Plan, run (or find) and aggregate the edits of the study.
 
@@ -113,6 +123,9 @@ def edit_phase(
         trace: ``(prompts, description) -> traces`` with the entity side's subject noise,
             through the unit store: the sweep's facts are traced for :mod:`.informs`
             (``None``: no regression).
+        corruption: The entity side's subject noise, for tracing the first
+            ``config.n_retrace`` edited facts again on the edited model (``None``: no
+            re-traces).
     """
 
     guard = _Guard(model, corpus, known)
@@ -259,6 +272,13 @@ def edit_phase(
         informs = _informs(
             model, sweep, layers, plan[:n_main], units_data[:n_main], editor, config, trace
         )
+    retraced = []
+    if corruption is not None and config.n_retrace:
+        retraced = _retraces(
+            model, plan[:n_main], keys[:n_main], chosen[: config.n_retrace], choice.layer,
+            editor, config,
+            corruption, units,
+        )  # fmt: skip
     controls = (
         location_controls(
             in_sweep,
@@ -292,7 +312,58 @@ def edit_phase(
         ),
         informs=informs,
         controls=controls,
+        retrace=retrace_summary(retraced, n_bootstrap=config.n_bootstrap, seed=config.seed),
         control_keys={k.value: sum(1 for j, _ in other if j is k) for k in {j for j, _ in other}},
+    )
+
+
+def _retraces(
+    model: Any,
+    plan: Sequence[tuple[int, Any]],
+    keys: Sequence[str],
+    facts: Sequence[Fact],
+    layer: int,
+    editor: Callable[[int], Any],
+    config: StudyConfig,
+    corruption: Any,
+    units: Units,
+) -> list[dict[str, Any]]:
+    """The first edited facts, both perspectives, traced before and after their edit (units of
+    their own; the edits are recomputed in chunks of the same size as the plan's)."""
+    wanted = {(f.subject, f.relation) for f in facts}
+    picked = [
+        i
+        for i, (at, request) in enumerate(plan)
+        if at == layer and (request.fact.subject, request.fact.relation) in wanted
+    ]
+    window = config.window_for(int(model.cfg.n_layers))
+    settings = {"corruption": repr(corruption), "window": window, "kinds": list(RETRACE_KINDS)}
+    retrace_keys = [unit_key("retrace", {"edit": keys[i], **settings}) for i in picked]
+    groups = [
+        list(range(start, min(start + _EDIT_CHUNK, len(picked))))
+        for start in range(0, len(picked), _EDIT_CHUNK)
+    ]
+
+    def compute(group: Sequence[int]) -> list[dict[str, Any]]:
+        rome, _ = editor(layer)
+        batch = [plan[picked[j]][1] for j in group]
+        out = []
+        for edit, request in zip(rome.compute_each(model, batch), batch, strict=True):
+            again = retrace_edit(
+                model, edit, request, corruption=corruption, kinds=RETRACE_KINDS, window=window
+            )
+            out.append(retrace_data(again))
+        return out
+
+    return units.run_groups(
+        "retrace",
+        retrace_keys,
+        groups,
+        compute,
+        ext="json",
+        save=lambda key, data: units.store.write_json("retrace", key, data),
+        load=lambda key: units.store.read_json("retrace", key),
+        desc="tracing edited facts again on the edited model",
     )
 
 

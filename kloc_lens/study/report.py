@@ -350,7 +350,54 @@ def report_figures(result: Any) -> list[tuple[str, str, go.Figure]]:
                     informs_figure(result.editing.informs),
                 )
             )
+        if result.editing.retrace:
+            figures.append(
+                (
+                    "retrace",
+                    "Traced again after the edit: MLP-window effect at the subject's last token, "
+                    "before (old answer, unedited model) and after (new answer, edited model)",
+                    retrace_figure(result.editing.retrace),
+                )
+            )
     return figures
+
+
+def retrace_figure(retrace: dict[str, Any]) -> go.Figure:
+    """Per edited perspective, the mean MLP-window effect at the subject's last token per
+    layer, before and after the edit, and each traced fact's curves faintly."""
+    figure = go.Figure()
+    colors = {"entity": "#08519c", "relation": "#a63603"}
+    for perspective, side in retrace.items():
+        layers = side["layers"]
+        color = colors.get(perspective, "#444")
+        for which, dash in (("before", "dot"), ("after", "solid")):
+            for unit in side["facts"]:
+                figure.add_trace(
+                    go.Scatter(
+                        x=layers,
+                        y=unit["effects"][which]["mlp"],
+                        mode="lines",
+                        line={"color": color, "width": 0.5, "dash": dash},
+                        opacity=0.25,
+                        showlegend=False,
+                        hovertext=f"{unit['subject']} / {unit['relation']} ({which})",
+                    )
+                )
+            figure.add_trace(
+                go.Scatter(
+                    x=layers,
+                    y=side["mean_effects"][which]["mlp"],
+                    mode="lines+markers",
+                    line={"color": color, "width": 3, "dash": dash},
+                    name=f"{perspective} edits, {which} (mean of {side['n_facts']})",
+                )
+            )
+    figure.update_layout(
+        xaxis_title="layer (MLP window centre)",
+        yaxis_title="indirect effect at the subject's last token",
+        template="plotly_white",
+    )
+    return figure
 
 
 # --------------------------------------------------------------------------------------------
@@ -655,6 +702,7 @@ def load_study(directory: str | Path) -> Any:
                 },
                 informs=Informs.from_dict(data["informs"]) if data.get("informs") else None,
                 controls=nested(data.get("controls", {}).get("locations", {})),
+                retrace=dict(data.get("retrace") or {}),
                 control_keys={
                     str(k): int(n)
                     for k, n in data.get("controls", {}).get("key_tokens", {}).items()

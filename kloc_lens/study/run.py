@@ -537,6 +537,7 @@ def run_study(
                         options,
                         f"tracing the layer sweep's {desc} (subject corrupted)",
                     ),
+                    corruption=subject_noise,
                 )
         result = StudyResult(
             model=manifest["model"],
