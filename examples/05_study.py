@@ -30,7 +30,9 @@ config = StudyConfig(
 )
 # the study first checks which facts the model knows, from both perspectives; 200 of the
 # world's 2048 facts are plenty for these settings
-result = run_study(model, world.facts[:200], config, out=out, corpus=list(world.corpus()), progress=False)
+result = run_study(
+    model, world.facts[:200], config, out=out, corpus=list(world.corpus()), progress=False
+)
 print(result.summary()["localization"]["entity"])
 print(result.queries.numbers["within_minus_across"] if result.queries else "no query localization")
 print(f"report: {out / 'report.html'}")
