@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 from kloc_lens.edit._errors import EditError, choice
 from kloc_lens.edit._tokens import encode, pad_rows, target_ids
 from kloc_lens.edit.apply import Edit, edit_hooks
-from kloc_lens.edit.generate import generates, greedy_rows
+from kloc_lens.edit.generate import generate_greedy, generates
 from kloc_lens.edit.request import EditRequest
 from kloc_lens.facts import Perspective, Prompt
 from kloc_lens.model import model_identity
@@ -452,11 +452,7 @@ def _continuations(
 ) -> dict[str, list[int]]:
     """The greedy continuation of each distinct prompt text."""
     texts = list(dict.fromkeys(prompt.text for prompt in prompts))
-    forward = None
-    if hooks:
-        forward = lambda tokens, _: model.run_with_hooks(tokens, fwd_hooks=list(hooks))  # noqa: E731
-    runs = greedy_rows(model, [encode(model, text) for text in texts], n_tokens, forward)
-    return dict(zip(texts, runs, strict=True))
+    return dict(zip(texts, generate_greedy(model, texts, n_tokens, hooks=hooks), strict=True))
 
 
 def _same_subject(
