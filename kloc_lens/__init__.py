@@ -22,13 +22,7 @@ The public API, by concept:
 - figures and views: :mod:`kloc_lens.plot`, :mod:`kloc_lens.vis`
 """
 
-from kloc_lens.attribution import (
-    AttributionError,
-    AttributionMethod,
-    ScreenedPatching,
-    attribution_patching,
-    screen_then_patch,
-)
+from kloc_lens.attribution import AttributionError, AttributionMethod, attribution_patching
 from kloc_lens.corrupt import (
     CorruptedInput,
     Corruption,
@@ -90,6 +84,7 @@ from kloc_lens.results import (
     TraceSet,
     load_result,
 )
+from kloc_lens.screen import ScreenedPatching, screen_then_patch
 from kloc_lens.sites import (
     Site,
     add_hook_point,

@@ -15,6 +15,10 @@ last token                  the prompt's last token
 ==========================  ========================================================
 
 Relation corruption uses the same bins around the relation span ("first relation token", ...).
+Prompts with two spans that matter, such as the relation perspective's "The relation between
+{subject} and {object} is", are binned around both (:func:`span_bins`): first, middle and last
+token of each span in turn, the other tokens, and the last token (where the relation is the
+answer), whichever span is corrupted.
 Each fact contributes the mean over its positions in a bin (so a long subject does not weigh
 more than a short one); a bin a fact has no token in (a one-token subject has no middle) is left
 out for that fact, and the counts say how many facts each bin averages. The spread is the
@@ -27,7 +31,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +52,8 @@ __all__ = [
     "aggregate_traces",
     "bin_names",
     "position_bins",
+    "span_bin_names",
+    "span_bins",
     "trace_dataset",
 ]
 
@@ -87,10 +93,65 @@ def position_bins(
     }
 
 
-def _bin_effects(trace: TraceResult, span: str) -> dict[str, Tensor]:
+def span_bin_names(names: Sequence[str]) -> tuple[str, ...]:
+    """The bin names of :func:`span_bins` for spans called ``names``."""
+    out: list[str] = []
+    for name in names:
+        out += [f"first {name} token", f"middle {name} tokens", f"last {name} token"]
+    return (*out, "other tokens", "last token")
+
+
+def span_bins(
+    spans: Mapping[str, tuple[int, int]], n_tokens: int, names: Sequence[str]
+) -> dict[str, tuple[int, ...]]:
+    """Token positions of each bin around several spans (``names`` of ``spans``, in order).
+
+    Each span gives its first, middle and last token; *other tokens* are those in no span and
+    not last; *last token* is the prompt's last (also counted in a span that ends there).
+
+    Example:
+        >>> bins = span_bins({"subject": (3, 5), "object": (6, 8)}, 9, ["subject", "object"])
+        >>> bins["last subject token"], bins["other tokens"], bins["last token"]
+        ((4,), (0, 1, 2, 5), (8,))
+
+    Raises:
+        SpanError: A span is missing, empty, outside the prompt, or overlaps another.
+    """
+    if len(set(names)) != len(names) or not names:
+        raise SpanError(f"span names {list(names)} must be distinct and at least one")
+    taken: set[int] = set()
+    out: dict[str, tuple[int, ...]] = {}
+    for name in names:
+        if name not in spans:
+            raise SpanError(f"no {name!r} span; spans: {', '.join(spans) or 'none'}")
+        start, end = spans[name]
+        if not 0 <= start < end <= n_tokens:
+            raise SpanError(
+                f"{name} span {(start, end)} does not fit a prompt of {n_tokens} tokens"
+            )
+        inside = set(range(start, end))
+        if inside & taken:
+            raise SpanError(f"the {name} span {(start, end)} overlaps another of {list(names)}")
+        taken |= inside
+        out[f"first {name} token"] = (start,)
+        out[f"middle {name} tokens"] = tuple(range(start + 1, end - 1))
+        out[f"last {name} token"] = (end - 1,)
+    last = n_tokens - 1
+    out["other tokens"] = tuple(p for p in range(last) if p not in taken)
+    out["last token"] = (last,)
+    return out
+
+
+def _bin_effects(
+    trace: TraceResult, span: str, bin_spans: Sequence[str] | None = None
+) -> dict[str, Tensor]:
     if span not in trace.spans:
         raise SpanError(f"trace of {''.join(trace.str_tokens)!r} has no {span!r} span")
-    bins = position_bins(span=trace.spans[span], n_tokens=len(trace.str_tokens), name=span)
+    n_tokens = len(trace.str_tokens)
+    if bin_spans is None:
+        bins = position_bins(span=trace.spans[span], n_tokens=n_tokens, name=span)
+    else:
+        bins = span_bins(trace.spans, n_tokens, bin_spans)
     effect = trace.indirect_effect
     out = {}
     for name, positions in bins.items():
@@ -100,12 +161,16 @@ def _bin_effects(trace: TraceResult, span: str) -> dict[str, Tensor]:
     return out
 
 
-def aggregate_traces(traces: Sequence[TraceSet], span: str = "subject") -> AggregateSet:
+def aggregate_traces(
+    traces: Sequence[TraceSet], span: str = "subject", *, bin_spans: Sequence[str] | None = None
+) -> AggregateSet:
     """Average the traces of many facts into position bins around ``span``.
 
     Args:
         traces: One :class:`TraceSet` per fact, all with the same kinds and layers.
         span: The corrupted span the bins are placed around.
+        bin_spans: Place the bins around each of these spans instead (:func:`span_bins`; the
+            corrupted span is still ``span``).
 
     Raises:
         ResultError: No traces, or traces with different kinds or layers.
@@ -114,7 +179,7 @@ def aggregate_traces(traces: Sequence[TraceSet], span: str = "subject") -> Aggre
     if not traces:
         raise ResultError("no traces to aggregate")
     labels = [t.label for t in traces[0]]
-    names = bin_names(span)
+    names = bin_names(span) if bin_spans is None else span_bin_names(bin_spans)
     out = []
     for index, label in enumerate(labels):
         first = traces[0].traces[index]
@@ -123,7 +188,7 @@ def aggregate_traces(traces: Sequence[TraceSet], span: str = "subject") -> Aggre
             trace = trace_set.traces[index]
             if trace.label != label or trace.layers != first.layers:
                 raise ResultError("traces to aggregate must share kinds and layers")
-            for name, value in _bin_effects(trace, span).items():
+            for name, value in _bin_effects(trace, span, bin_spans).items():
                 per_bin[name].append(value)
         n_layers = len(first.layers)
         mean = torch.zeros(len(names), n_layers)

@@ -451,6 +451,13 @@ def _parser() -> argparse.ArgumentParser:
         help="known facts traced per perspective (%(default)s)",
     )
     cmd.add_argument(
+        "--n-trace-relation-prompts",
+        type=_count,
+        default=defaults.n_trace_relation_prompts,
+        help="facts known from both perspectives whose relation-perspective prompt is traced "
+        "with the subject and with the object corrupted; 0 skips it (%(default)s)",
+    )
+    cmd.add_argument(
         "--n-edit",
         type=_count,
         default=defaults.n_edit,
@@ -589,6 +596,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
     options = {
         "n_trace": args.n_trace,
+        "n_trace_relation_prompts": args.n_trace_relation_prompts,
         "n_edit": args.n_edit,
         "n_layer_sweep": args.n_layer_sweep,
         "n_retrace": args.n_retrace,

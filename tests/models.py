@@ -10,7 +10,19 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 WORDS = [
     "The",
@@ -175,3 +187,114 @@ def save_tiny_checkpoint(directory: Any, *, tokenizer: bool = True, seed: int = 
     model.save_pretrained(directory)
     if tokenizer:
         tok.save_pretrained(directory)
+
+
+# --------------------------------------------------------------------------------------------
+# One tiny random model per supported architecture (3 layers, width 32), from its config.
+
+
+def _llama():
+    """Rotary embeddings, RMSNorm, gated MLP, grouped-query attention (4 query / 2 kv heads)."""
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=len(word_tokenizer()),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "eager"
+    return LlamaForCausalLM(config).eval()
+
+
+def _neox():
+    """Parallel attention and MLP, partial rotary embeddings."""
+    torch.manual_seed(2)
+    config = GPTNeoXConfig(
+        vocab_size=len(word_tokenizer()),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rotary_pct=0.5,
+        bos_token_id=0,
+        eos_token_id=0,
+        initializer_range=0.2,
+        use_parallel_residual=True,
+    )
+    config._attn_implementation = "eager"
+    return GPTNeoXForCausalLM(config).eval()
+
+
+def _gptj():
+    """Parallel attention and MLP (one shared LayerNorm), interleaved rotary embeddings."""
+    torch.manual_seed(3)
+    config = GPTJConfig(
+        vocab_size=len(word_tokenizer()),
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        rotary_dim=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        initializer_range=0.2,
+    )
+    config._attn_implementation = "eager"
+    return GPTJForCausalLM(config).eval()
+
+
+def _qwen2():
+    """Rotary embeddings, RMSNorm, gated MLP, grouped-query attention with q/k/v biases."""
+    torch.manual_seed(5)
+    config = Qwen2Config(
+        vocab_size=len(word_tokenizer()),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+    )
+    config._attn_implementation = "eager"
+    return Qwen2ForCausalLM(config).eval()
+
+
+ARCHITECTURES = {
+    "gpt2": lambda: tiny_hf(seed=4),
+    "gptj": _gptj,
+    "llama": _llama,
+    "neox": _neox,
+    "qwen2": _qwen2,
+}
+"""Builders of the architectures every sweep, trace, edit and the study are tested on."""
+
+UNTESTED = {
+    "hooked_transformer": {
+        "qwen2": "TL 3.9's Qwen2 settings turn this word-level tokenizer's text into no tokens",
+    }
+}
+"""Architectures left out on a substrate, and why (docs/support.md shows them as not run)."""
+
+TESTED = sorted(a for a in ARCHITECTURES if a not in UNTESTED.get(SUBSTRATE, {}))
+"""The architectures this run tests."""
+
+
+@functools.cache
+def arch_substrate(arch: str) -> Any:
+    """The tiny model of ``arch`` as the hooked model of this test run (built once)."""
+    return as_substrate(ARCHITECTURES[arch](), word_tokenizer(), f"kloc-engine-{arch}")

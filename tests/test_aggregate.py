@@ -6,7 +6,14 @@ import pytest
 import torch
 
 import kloc_lens as kl
-from kloc_lens.aggregate import aggregate_traces, bin_names, position_bins, trace_dataset
+from kloc_lens.aggregate import (
+    aggregate_traces,
+    bin_names,
+    position_bins,
+    span_bin_names,
+    span_bins,
+    trace_dataset,
+)
 from kloc_lens.results import TraceResult, TraceSet
 from kloc_lens.types import Direction, TraceKind
 
@@ -141,3 +148,42 @@ def test_aggregate_figures_show_the_numbers():
     assert list(curves.data[0].error_y.array) == [0.0, 0.0]  # three identical facts
     with pytest.raises(kl.ResultError, match="no bin 'nowhere'"):
         aggregate_curves(aggs, bin="nowhere")
+
+
+def test_span_bins_place_each_span_then_the_rest():
+    spans = {"subject": (3, 6), "object": (7, 8), "relation": (0, 1)}
+    bins = span_bins(spans, 10, ["subject", "object"])
+    assert list(bins) == list(span_bin_names(["subject", "object"]))
+    assert bins["first subject token"] == (3,) and bins["middle subject tokens"] == (4,)
+    assert bins["last subject token"] == (5,)
+    assert bins["first object token"] == bins["last object token"] == (7,)
+    assert bins["middle object tokens"] == ()
+    # not in either span and not last; the relation span is not binned here
+    assert bins["other tokens"] == (0, 1, 2, 6, 8) and bins["last token"] == (9,)
+    with pytest.raises(kl.SpanError, match="no 'object' span; spans: subject"):
+        span_bins({"subject": (0, 2)}, 4, ["subject", "object"])
+    with pytest.raises(kl.SpanError, match="overlaps"):
+        span_bins({"subject": (0, 3), "object": (2, 4)}, 5, ["subject", "object"])
+    with pytest.raises(kl.SpanError, match="does not fit a prompt of 4 tokens"):
+        span_bins({"subject": (3, 6)}, 4, ["subject"])
+
+
+def test_aggregate_around_two_spans_matches_a_hand_computation():
+    a = torch.arange(14.0).reshape(2, 7) / 100  # subject 1..2, object 4..4, last 6
+    b = torch.arange(12.0).reshape(2, 6) / 50  # subject 0..0, object 2..3, last 5
+    sets = [
+        TraceSet((_trace(a, {"subject": (1, 3), "object": (4, 5)}),)),
+        TraceSet((_trace(b, {"subject": (0, 1), "object": (2, 4)}),)),
+    ]
+    agg = aggregate_traces(sets, "object", bin_spans=["subject", "object"]).traces[0]
+    assert agg.span == "object" and agg.bins == span_bin_names(["subject", "object"])
+    a, b = a - 0.1, b - 0.1  # indirect effects: restored minus corrupted score
+    torch.testing.assert_close(agg.bin("last subject token"), (a[:, 2] + b[:, 0]) / 2)
+    torch.testing.assert_close(agg.bin("first object token"), (a[:, 4] + b[:, 2]) / 2)
+    torch.testing.assert_close(agg.bin("last object token"), (a[:, 4] + b[:, 3]) / 2)
+    other = (a[:, [0, 3, 5]].mean(1) + b[:, [1, 4]].mean(1)) / 2
+    torch.testing.assert_close(agg.bin("other tokens"), other)
+    torch.testing.assert_close(agg.bin("last token"), (a[:, 6] + b[:, 5]) / 2)
+    # the middle of the object is empty in both: left out, counted as none
+    assert agg.counts[agg.bins.index("middle object tokens")] == 0
+    assert agg.counts[agg.bins.index("middle subject tokens")] == 0

@@ -10,13 +10,8 @@ from models import as_substrate, word_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import kloc_lens as kl
-from kloc_lens.attribution import (
-    AttributionError,
-    AttributionMethod,
-    Component,
-    attribution_patching,
-    screen_then_patch,
-)
+from kloc_lens.attribution import AttributionError, AttributionMethod, attribution_patching
+from kloc_lens.screen import Component, screen_then_patch
 
 pytestmark = pytest.mark.one_thread
 # Tests marked `substrate` also run on a TransformerLens 3.9 HookedTransformer; the others use

@@ -72,3 +72,28 @@ def test_ci_runs_the_readme_test_command_not_a_copy():
     script = (ROOT / "scripts" / "test").read_text()
     assert "apt-get install" in script and "chromium" in script
     assert "python -m pytest" in script
+
+
+def test_the_support_table_is_built_from_the_architecture_tests():
+    """docs/support.md has a row per feature the script maps and a column per architecture the
+    tests build; every mapped test function exists, so the table cannot name a test that is gone."""
+    import importlib.util
+
+    from models import ARCHITECTURES
+
+    root = DOCS.parent
+    spec = importlib.util.spec_from_file_location(
+        "support_table", root / "scripts" / "support_table.py"
+    )
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert sorted(script.ARCHITECTURES) == sorted(ARCHITECTURES)
+    sources = "".join((root / t).read_text() for t in script.TESTS)
+    for function in script.FEATURES:
+        assert f"def {function}(" in sources, function
+    page = (DOCS / "support.md").read_text()
+    for feature in script.FEATURES.values():
+        assert page.count(f"| {feature} |") >= 1, feature
+    for name in script.NAMES.values():
+        assert name in page

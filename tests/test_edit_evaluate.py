@@ -10,6 +10,7 @@ import torch
 
 from kloc_lens.edit import (
     ContextSpec,
+    EditError,
     EditMetric,
     EditRequest,
     MemitEditor,
@@ -178,3 +179,57 @@ def test_evaluate_a_multi_fact_edit(setup, planted):
     curves = loss_curves(edit.fits, labels=["Ana Bel", "Dax Eli"])
     assert [trace.name for trace in curves.data] == ["Ana Bel", "Dax Eli"]
     assert list(curves.data[0].y) == list(edit.fits[0].losses)
+
+
+def _same_scores(batched, alone, what):
+    assert (batched.subject, batched.edited) == (alone.subject, alone.edited), what
+    for b, a in zip(batched.scores, alone.scores, strict=True):
+        assert (b.metric, b.n_prompts) == (a.metric, a.n_prompts), what
+        for field in ("pre", "post", "pre_generated", "post_generated"):
+            x, y = getattr(b, field), getattr(a, field)
+            assert (math.isnan(x) and math.isnan(y)) or x == y, (what, b.metric, field)
+        for field in ("pre_margin", "post_margin"):
+            x, y = getattr(b, field), getattr(a, field)
+            assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, abs=1e-5)
+
+
+def test_edits_scored_together_equal_each_scored_alone(setup):
+    from kloc_lens.edit import evaluate_edits
+
+    model, requests, editor, _ = setup
+    edits = [editor.compute(model, r) for r in requests]
+    together = evaluate_edits(model, edits, requests)
+    for request, edit, batched in zip(requests, edits, together.facts, strict=True):
+        _same_scores(batched, evaluate_edit(model, edit, request).facts[0], request.fact.subject)
+    with pytest.raises(EditError, match="one request per edit"):
+        evaluate_edits(model, edits, requests[:2])
+
+
+def test_edits_scored_together_on_factworld_equal_each_alone():
+    """On factworld: both perspectives, neighbours and the subject's other facts (relation
+    specificity), eight edits in shared batches."""
+    from kloc_lens.edit import evaluate_edits
+    from kloc_lens.factworld import NONE_ANSWER, load_factworld, rome_editor
+
+    model, world = load_factworld()
+    editor = rome_editor(model, world, contexts=ContextSpec(count=1))
+    facts = [f for f in world.facts if f.new_object][:8:2]
+    requests = [
+        EditRequest(
+            f,
+            perspective=p,
+            none_target=NONE_ANSWER,
+            related=tuple(g for g in world.facts if g.subject == f.subject and g is not f),
+            neighbors=tuple(
+                g for g in world.facts if g.object == f.object and g.subject != f.subject
+            )[:3],
+        )
+        for f in facts
+        for p in ("entity", "relation")
+    ]
+    edits = editor.compute_each(model, requests)
+    together = evaluate_edits(model, edits, requests)
+    for request, edit, batched in zip(requests, edits, together.facts, strict=True):
+        alone = evaluate_edit(model, edit, request).facts[0]
+        _same_scores(batched, alone, (request.fact.subject, request.edited))
+        assert batched.score("same_subject").n_prompts > 0

@@ -180,7 +180,7 @@ def test_checking_many_edits_in_one_batch_equals_one_at_a_time(factworld_edits):
 
 
 def test_row_edit_hooks_equal_each_edit_applied_alone(factworld_edits):
-    from kloc_lens.edit.guard import row_edit_hooks
+    from kloc_lens.edit.apply import row_edit_hooks
 
     model, edits, _, prompts, _ = factworld_edits
     tokens = model.to_tokens(prompts[:1]).repeat(3, 1)

@@ -3,20 +3,10 @@ fallback to the plain path."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from models import as_substrate, tiny_hf, word_tokenizer
+from models import TESTED, arch_substrate, as_substrate, tiny_hf, word_tokenizer
 from reference import reference_sweep, rome_trace_loop
-from transformers import (
-    GPTJConfig,
-    GPTJForCausalLM,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 import kloc_lens as kl
 from kloc_lens import engine
@@ -30,76 +20,9 @@ FACT = kl.Fact("Danielle Darrieux", "mother tongue", "French")
 TOL = 1e-5
 
 
-def _llama():
-    """Rotary embeddings, RMSNorm, gated MLP, grouped-query attention (4 query / 2 kv heads)."""
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=len(word_tokenizer()),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = "eager"
-    return LlamaForCausalLM(config).eval()
-
-
-def _neox():
-    """Parallel attention and MLP, partial rotary embeddings."""
-    torch.manual_seed(2)
-    config = GPTNeoXConfig(
-        vocab_size=len(word_tokenizer()),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        rotary_pct=0.5,
-        bos_token_id=0,
-        eos_token_id=0,
-        initializer_range=0.2,
-        use_parallel_residual=True,
-    )
-    config._attn_implementation = "eager"
-    return GPTNeoXForCausalLM(config).eval()
-
-
-def _gptj():
-    """Parallel attention and MLP (one shared LayerNorm), interleaved rotary embeddings."""
-    torch.manual_seed(3)
-    config = GPTJConfig(
-        vocab_size=len(word_tokenizer()),
-        n_embd=32,
-        n_layer=3,
-        n_head=4,
-        rotary_dim=4,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        initializer_range=0.2,
-    )
-    config._attn_implementation = "eager"
-    return GPTJForCausalLM(config).eval()
-
-
-BUILDERS = {"gpt2": lambda: tiny_hf(seed=4), "llama": _llama, "neox": _neox, "gptj": _gptj}
-
-
-@functools.cache
-def _model(arch: str):
-    return as_substrate(BUILDERS[arch](), word_tokenizer(), f"kloc-engine-{arch}")
-
-
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+@pytest.fixture(scope="module", params=TESTED)
 def arch_model(request):
-    return request.param, _model(request.param)
+    return request.param, arch_substrate(request.param)
 
 
 def _setup(model):

@@ -91,6 +91,11 @@ def test_numbers_equal_a_direct_computation(study):
     expected = float(resid.bin("last subject token")[:half].max()) / te
     assert result.entity.numbers["resid_last_span"].value == pytest.approx(expected, rel=1e-5)
     assert result.entity.numbers["total_effect"].value == pytest.approx(te, rel=1e-5)
+    # the MLP share at the last token, from the MLP and attention windows' peaks there
+    mlp = max(float(agg.get("mlp").bin("last token").max()), 0.0)
+    attn = max(float(agg.get("attn").bin("last token").max()), 0.0)
+    share = result.entity.numbers["mlp_share_last_token"].value
+    assert share == pytest.approx(mlp / (mlp + attn), rel=1e-5)
 
 
 def test_editing_half(study):
@@ -464,3 +469,54 @@ def test_location_controls_on_a_constructed_table():
     assert out["best_layer"]["post_generated"].value == pytest.approx(
         np.nanmax(generated, 1).mean()
     )
+
+
+def _share(value, low, high, n=50):
+    return {"value": value, "ci_low": low, "ci_high": high, "level": 0.95, "n": n}
+
+
+def _side(mlp_share, last_token, drops=(0.3, 0.1)):
+    numbers = {
+        "mlp_share": _share(*mlp_share),
+        "mlp_share_last_token": _share(*last_token),
+        "severed_mlp_drop": _share(drops[0], drops[0] - 0.05, drops[0] + 0.05),
+        "severed_attn_drop": _share(drops[1], drops[1] - 0.05, drops[1] + 0.05),
+    }
+    return {"numbers": numbers}
+
+
+def test_the_second_claim_is_stated_from_the_intervals():
+    """Constructed shares: the verdict follows the intervals, one comparison per reading."""
+    from kloc_lens.study.report import _second_claim
+
+    entity = _side((0.8, 0.75, 0.85), (0.6, 0.55, 0.65))
+    lower = _side((0.4, 0.3, 0.5), (0.58, 0.5, 0.66))  # apart at the span, overlapping last
+    text = " ".join(_second_claim({"entity": entity, "relation": lower}))
+    assert "at the last relation token 0.40 (95% CI 0.30-0.50, n=50)" in text
+    assert "(lower, intervals apart)" in text and "(intervals overlap)" in text
+    assert "The claim holds on this model where" in text
+    assert "severing attention removes 10% (95% CI 5-15, n=50)" in text
+
+    same = _side((0.8, 0.7, 0.9), (0.6, 0.5, 0.7))
+    text = " ".join(_second_claim({"entity": entity, "relation": same}))
+    assert "The claim does not hold on this model at this resolution" in text
+
+    # the relation-perspective prompts are a third and fourth reading, at the last token
+    higher = _side((0.8, 0.7, 0.9), (0.95, 0.9, 1.0))
+    text = " ".join(
+        _second_claim(
+            {
+                "entity": entity,
+                "relation": lower,
+                "relation_prompt_subject": higher,
+                "relation_prompt_object": same,
+            }
+        )
+    )
+    assert "relation-perspective prompts, subject corrupted, at the last token 0.95" in text
+    assert "(higher, intervals apart)" in text
+    assert "The evidence on this model is mixed" in text
+
+    undefined = {"numbers": {k: _share(None, None, None) for k in entity["numbers"]}}
+    text = " ".join(_second_claim({"entity": entity, "relation": undefined}))
+    assert "this model cannot test the claim" in text

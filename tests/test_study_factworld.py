@@ -30,7 +30,8 @@ TRAIN = TrainConfig(
     documents=DocumentConfig(none_sentences=1),
 )
 SMALL = [
-    *("--n-trace", "4", "--n-edit", "2", "--n-layer-sweep", "2", "--n-queries", "3"),
+    *("--n-trace", "4", "--n-trace-relation-prompts", "3", "--n-edit", "2"),
+    *("--n-layer-sweep", "2", "--n-queries", "3"),
     *("--neuron-steps", "4", "--samples", "3"),
 ]
 
@@ -81,6 +82,10 @@ def test_study_command_on_a_tiny_factworld(study_out):
         "entity-curves",
         "relation-grid",
         "relation-curves",
+        "relation_prompt_subject-grid",
+        "relation_prompt_subject-curves",
+        "relation_prompt_object-grid",
+        "relation_prompt_object-curves",
         "example-trace",
         "queries-overlap",
         "queries-suppression",
@@ -95,6 +100,15 @@ def test_study_command_on_a_tiny_factworld(study_out):
     for name in ("entity", "entity_paraphrase", "relation", "relation_paraphrase", "none"):
         assert results["knowledge"]["accuracy"][name]["n"] > 0
     assert results["localization"]["relation"]["span"] == "relation"
+    # the relation-perspective prompts of 3 facts known from both, subject then object corrupted
+    n_both = min(3, len(results["knowledge"]["known_both_indices"]))
+    for span in ("subject", "object"):
+        side = results["localization"][f"relation_prompt_{span}"]
+        what = (side["perspective"], side["span"], side["n_facts"])
+        assert what == ("relation_prompt", span, n_both)
+        assert side["numbers"]["mlp_share_last_token"]["n"] == n_both > 0
+    assert "Relation-perspective prompts (the relation is the answer, object corrupted" in page
+    assert "second claim, that relational knowledge runs substantially" in page
     # query localization on facts known from both perspectives, with its settings
     queries = results["queries"]
     both = results["knowledge"]["known_both_indices"]

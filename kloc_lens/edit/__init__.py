@@ -75,6 +75,7 @@ from kloc_lens.edit.evaluate import (
     TransferMatrix,
     evaluate_edit,
     evaluate_editor,
+    evaluate_edits,
 )
 from kloc_lens.edit.informs import TraceEditRegression, trace_edit_regression
 from kloc_lens.edit.keys import ContextSpec, KeyToken, compute_key, generate_contexts
@@ -125,6 +126,7 @@ __all__ = [
     "edit_layer_sweep",
     "evaluate_edit",
     "evaluate_editor",
+    "evaluate_edits",
     "fit_value",
     "fit_values",
     "generate_contexts",

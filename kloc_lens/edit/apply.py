@@ -63,6 +63,8 @@ __all__ = [
     "applied",
     "commit",
     "edit_hooks",
+    "row_edit_hooks",
+    "row_forward",
 ]
 
 
@@ -407,3 +409,69 @@ def commit(model: Any, *edits: Edit) -> CommittedEdit:
     handle = CommittedEdit(model, originals)
     _LIVE.setdefault(model, []).append(handle)
     return handle
+
+
+def row_edit_hooks(model: Any, edits: Sequence[Edit], owners: Sequence[int]) -> list[Any]:
+    """Forward hooks that apply a different edit to each row of a batch: row ``b`` gets
+    ``edits[owners[b]]`` (``-1``: none), so many edits are checked in one forward pass. Each
+    row's numbers equal that edit applied alone (:func:`~kloc_lens.edit.applied`).
+
+    Raises:
+        EditError: An owner outside ``-1 .. len(edits) - 1``, or an edit of another model.
+    """
+    if any(not -1 <= o < len(edits) for o in owners):
+        raise EditError(f"row owners must lie in -1..{len(edits) - 1}, got {list(owners)}")
+    sites: dict[tuple[int, Projection], list[list[LowRankUpdate]]] = {}
+    for j, edit in enumerate(edits):
+        edit_hooks(model, edit)  # the same checks as applying it
+        for update in edit.updates:
+            key = (update.layer, update.projection)
+            sites.setdefault(key, [[] for _ in edits])[j].append(update)
+    hooks: list[Any] = []
+    for (layer, projection), per_edit in sites.items():
+        weight = projection.weight(model, layer)
+        rank = max(1, max(sum(u.rank for u in ups) for ups in per_edit))
+        # one slot per edit plus a last, zero slot for rows without an edit
+        left = torch.zeros(len(edits) + 1, projection.key_size(model), rank)
+        right = torch.zeros(len(edits) + 1, rank, int(model.cfg.d_model))
+        for j, ups in enumerate(per_edit):
+            if ups:
+                ls = torch.cat([u.left for u in ups], dim=1)
+                rs = torch.cat([u.right for u in ups], dim=0)
+                left[j, :, : ls.shape[1]] = ls.float()
+                right[j, : rs.shape[0]] = rs.float()
+        index = torch.tensor([o if o >= 0 else len(edits) for o in owners], dtype=torch.long)
+        rows_left = left.to(device=weight.device, dtype=weight.dtype)[index.to(weight.device)]
+        rows_right = right.to(device=weight.device, dtype=weight.dtype)[index.to(weight.device)]
+        seen: list[Tensor] = []
+
+        def read_key(
+            activation: Tensor,
+            hook: Any,
+            seen: list[Tensor] = seen,
+            projection: Projection = projection,
+        ) -> None:
+            seen.append(projection.keys(activation))
+
+        def add_output(
+            activation: Tensor,
+            hook: Any,
+            seen: list[Tensor] = seen,
+            rows_left: Tensor = rows_left,
+            rows_right: Tensor = rows_right,
+        ) -> Tensor:
+            key = seen.pop()
+            seen.clear()
+            change = torch.bmm(torch.bmm(key.to(rows_left.dtype), rows_left), rows_right)
+            return activation + change.to(activation.dtype)
+
+        hooks.append((projection.key_hook(layer), read_key))
+        hooks.append((projection.output_hook(layer), add_output))
+    return hooks
+
+
+def row_forward(model: Any, tokens: Tensor, edits: Sequence[Edit], owners: Sequence[int]) -> Tensor:
+    """Logits of ``tokens`` with row ``b`` under ``edits[owners[b]]`` (``-1``: unedited)."""
+    if not edits or all(o < 0 for o in owners):
+        return model(tokens)
+    return model.run_with_hooks(tokens, fwd_hooks=row_edit_hooks(model, edits, owners))

@@ -54,7 +54,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol, runtime_checkable
@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 
 from kloc_lens.edit._errors import EditError, choice
 from kloc_lens.edit._tokens import encode, pad_rows, target_ids
-from kloc_lens.edit.apply import Edit, edit_hooks
+from kloc_lens.edit.apply import Edit, edit_hooks, row_edit_hooks, row_forward
 from kloc_lens.edit.generate import generate_greedy, generates
 from kloc_lens.edit.request import EditRequest
 from kloc_lens.facts import Perspective, Prompt
@@ -82,6 +82,7 @@ __all__ = [
     "TransferMatrix",
     "evaluate_edit",
     "evaluate_editor",
+    "evaluate_edits",
 ]
 
 
@@ -410,63 +411,193 @@ def _comparisons(request: EditRequest) -> list[_Comparison]:
     return items
 
 
+Forward = Callable[[Tensor, Sequence[int]], Tensor]
+"""Logits of a right-padded token batch whose rows belong to the given edits (their indices)."""
+
+_ROWS = 128
+"""Rows per forward pass of an evaluation."""
+
+
+def _unedited(model: Any) -> Forward:
+    return lambda tokens, _: model(tokens)
+
+
+def _batched(
+    model: Any,
+    items: Sequence[Hashable],
+    owners: Sequence[int],
+    row_of: Callable[[Any], list[int]],
+    forward: Forward,
+    read: Callable[[Tensor, Sequence[Any]], list[Any]],
+) -> list[Any]:
+    """``read(logits, items)`` of every item's token row, item ``i`` run under edit
+    ``owners[i]``: each distinct (owner, item) once, sorted by row length into batches of
+    :data:`_ROWS` (little padding), each result mapped back to every place it was asked for."""
+    keys = list(zip(owners, items, strict=True))
+    distinct = sorted(dict.fromkeys(keys), key=lambda key: len(row_of(key[1])))
+    found: dict[tuple[int, Any], Any] = {}
+    with torch.no_grad():
+        for start in range(0, len(distinct), _ROWS):
+            part = distinct[start : start + _ROWS]
+            batch = pad_rows(model, [row_of(item) for _, item in part])
+            logits = forward(batch.tokens, [owner for owner, _ in part])
+            found.update(zip(part, read(logits, [item for _, item in part]), strict=True))
+    return [found[key] for key in keys]
+
+
 def _log_probabilities(
-    model: Any, pairs: Sequence[tuple[Prompt, str]], hooks: Sequence[tuple[str, Any]]
+    model: Any,
+    pairs: Sequence[tuple[Prompt, str]],
+    forward: Forward,
+    owners: Sequence[int],
 ) -> list[float]:
-    """Mean token log-probability of each target after its prompt (teacher forcing)."""
-    rows: list[list[int]] = []
-    reads: list[tuple[int, int, int]] = []  # (row, position, token)
-    for index, (prompt, target) in enumerate(pairs):
-        ids = encode(model, prompt.text)
-        wanted = target_ids(model, prompt, target, "answer")
-        rows.append(ids + wanted[:-1])
-        reads.extend((index, len(ids) - 1 + j, token) for j, token in enumerate(wanted))
-    batch = pad_rows(model, rows)
-    with torch.no_grad():
-        logits = model.run_with_hooks(batch.tokens, fwd_hooks=list(hooks))
-    device = logits.device
-    row = torch.tensor([r for r, _, _ in reads], device=device)
-    pos = torch.tensor([p for _, p, _ in reads], device=device)
-    token = torch.tensor([t for _, _, t in reads], device=device)
-    picked = logits[row, pos].float().log_softmax(-1).gather(-1, token[:, None])[:, 0]
-    total = torch.zeros(len(pairs), device=device).index_add(0, row, picked)
-    count = torch.zeros(len(pairs), device=device).index_add(0, row, torch.ones_like(picked))
-    return (total / count).tolist()
+    """Mean token log-probability of each target after its prompt (teacher forcing), pair
+    ``i`` run under the edit ``owners[i]``."""
+    rows: dict[tuple[str, str], tuple[list[int], int, list[int]]] = {}
+    for prompt, target in pairs:
+        if (prompt.text, target) not in rows:
+            ids = encode(model, prompt.text)
+            wanted = target_ids(model, prompt, target, "answer")
+            rows[prompt.text, target] = (ids + wanted[:-1], len(ids), wanted)
+
+    def read(logits: Tensor, part: Sequence[tuple[str, str]]) -> list[float]:
+        out = []
+        for b, item in enumerate(part):
+            _, start, wanted = rows[item]
+            logp = logits[b, start - 1 : start - 1 + len(wanted)].float().log_softmax(-1)
+            tokens = torch.tensor(wanted, device=logits.device)[:, None]
+            out.append(float(logp.gather(-1, tokens)[:, 0].mean()))
+        return out
+
+    items = [(prompt.text, target) for prompt, target in pairs]
+    return _batched(model, items, owners, lambda item: rows[item][0], forward, read)
 
 
-def _top_tokens(
-    model: Any, prompts: Sequence[Prompt], hooks: Sequence[tuple[str, Any]]
-) -> tuple[list[int], Tensor]:
-    """The argmax token at each prompt's last position, and all last-position probabilities."""
-    rows = [encode(model, prompt.text) for prompt in prompts]
-    batch = pad_rows(model, rows)
-    with torch.no_grad():
-        logits = model.run_with_hooks(batch.tokens, fwd_hooks=list(hooks))
-    last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
-    probs = logits[torch.arange(len(rows), device=logits.device), last].float().softmax(-1)
-    return probs.argmax(-1).tolist(), probs
+def _last_probabilities(
+    model: Any, prompts: Sequence[Prompt], forward: Forward, owners: Sequence[int]
+) -> Tensor:
+    """The next-token probabilities after each prompt, prompt ``i`` under edit ``owners[i]``."""
+    rows = {prompt.text: encode(model, prompt.text) for prompt in prompts}
+
+    def read(logits: Tensor, part: Sequence[str]) -> list[Tensor]:
+        return [logits[b, len(rows[text]) - 1].float() for b, text in enumerate(part)]
+
+    texts = [prompt.text for prompt in prompts]
+    found = _batched(model, texts, owners, rows.__getitem__, forward, read)
+    return torch.stack(found).softmax(-1)
 
 
 def _continuations(
-    model: Any, prompts: Sequence[Prompt], n_tokens: int, hooks: Sequence[tuple[str, Any]]
-) -> dict[str, list[int]]:
-    """The greedy continuation of each distinct prompt text."""
-    texts = list(dict.fromkeys(prompt.text for prompt in prompts))
-    return dict(zip(texts, generate_greedy(model, texts, n_tokens, hooks=hooks), strict=True))
+    model: Any,
+    items: Sequence[tuple[int, str, int]],
+    forward: Forward,
+) -> dict[tuple[int, str, int], list[int]]:
+    """The greedy continuation of each distinct ``(owner, text, n_tokens)``, under its edit."""
+    distinct = list(dict.fromkeys(items))
+    out: dict[tuple[int, str, int], list[int]] = {}
+    for n_tokens in sorted({n for _, _, n in distinct}):
+        group = [item for item in distinct if item[2] == n_tokens]
+        group.sort(key=lambda item: len(encode(model, item[1])))
+        for chunk in [range(i, min(len(group), i + _ROWS)) for i in range(0, len(group), _ROWS)]:
+            part = [group[i] for i in chunk]
+            texts = [text for _, text, _ in part]
+            owners = [owner for owner, _, _ in part]
+
+            def run(tokens: Tensor, live: Sequence[int], owners: list[int] = owners) -> Tensor:
+                return forward(tokens, [owners[i] for i in live])
+
+            runs = generate_greedy(model, texts, n_tokens, forward=run)
+            out.update(zip(part, runs, strict=True))
+    return out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one request's evaluation runs: its comparisons (two answers each), the prompts it
+    generates from (comparisons', then the subject's other facts') and how many tokens."""
+
+    request: EditRequest
+    owner: int
+    comparisons: list[_Comparison]
+    related: list[Prompt]
+    n_tokens: int
+
+    @property
+    def pairs(self) -> list[tuple[Prompt, str]]:
+        return [
+            (p, answer) for _, p, first, second in self.comparisons for answer in (first, second)
+        ]
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        return [prompt for _, prompt, _, _ in self.comparisons] + self.related
+
+
+def _plan(model: Any, request: EditRequest, owner: int) -> _Plan:
+    comparisons = _comparisons(request)
+    related = [fact.entity_prompt() for fact in request.related]
+    answers = [(p, a) for _, p, first, second in comparisons for a in (first, second)]
+    answers += [(prompt, prompt.target) for prompt in related]
+    # greedy continuations long enough to hold any answer whole
+    n_tokens = 1 + max(len(target_ids(model, p, a, "answer")) for p, a in answers)
+    return _Plan(request, owner, comparisons, related, n_tokens)
+
+
+def _evaluate(model: Any, plans: Sequence[_Plan], after: Forward) -> list[FactEvaluation]:
+    """Every plan's scores, the forward passes of all plans shared: unedited rows run plain,
+    edited rows under ``after`` (the edit of each row's owner)."""
+    plain = _unedited(model)
+    pairs = [pair for plan in plans for pair in plan.pairs]
+    owners = [plan.owner for plan in plans for _ in plan.pairs]
+    before_lp = _log_probabilities(model, pairs, plain, [-1] * len(pairs))
+    after_lp = _log_probabilities(model, pairs, after, owners)
+    wanted = [(plan.owner, p.text, plan.n_tokens) for plan in plans for p in plan.prompts]
+    gen_before = _continuations(model, [(-1, t, n) for _, t, n in wanted], plain)
+    gen_after = _continuations(model, wanted, after)
+    related = [p for plan in plans for p in plan.related]
+    if related:
+        related_owners = [plan.owner for plan in plans for _ in plan.related]
+        top_before = _last_probabilities(model, related, plain, [-1] * len(related))
+        top_after = _last_probabilities(model, related, after, related_owners)
+    out = []
+    offset = related_offset = 0
+    for plan in plans:
+        n_pairs, n_related = len(plan.pairs), len(plan.related)
+        generated = (
+            {p.text: gen_before[(-1, p.text, plan.n_tokens)] for p in plan.prompts},
+            {p.text: gen_after[(plan.owner, p.text, plan.n_tokens)] for p in plan.prompts},
+        )
+        tops = None
+        if n_related:
+            rows = slice(related_offset, related_offset + n_related)
+            tops = (top_before[rows], top_after[rows])
+        out.append(
+            _score(
+                model,
+                plan,
+                before_lp[offset : offset + n_pairs],
+                after_lp[offset : offset + n_pairs],
+                generated,
+                tops,
+            )
+        )
+        offset += n_pairs
+        related_offset += n_related
+    return out
 
 
 def _same_subject(
     model: Any,
-    request: EditRequest,
-    hooks: Sequence[tuple[str, Any]],
+    plan: _Plan,
+    tops: tuple[Tensor, Tensor] | None,
     generated: tuple[dict[str, list[int]], dict[str, list[int]]],
 ) -> MetricScore:
     """Relation specificity: how many of the subject's other facts answer their own object."""
-    if not request.related:
+    if tops is None:
         return MetricScore(EditMetric.SAME_SUBJECT, 0, math.nan, math.nan, math.nan, math.nan)
-    prompts = [fact.entity_prompt() for fact in request.related]
-    before, p_before = _top_tokens(model, prompts, ())
-    after, p_after = _top_tokens(model, prompts, hooks)
+    prompts = plan.related
+    p_before, p_after = tops
+    before, after = p_before.argmax(-1).tolist(), p_after.argmax(-1).tolist()
     own = [target_ids(model, p, p.target, "related fact's object")[0] for p in prompts]
     n = len(prompts)
     rows = torch.arange(n, device=p_before.device)
@@ -487,31 +618,21 @@ def _same_subject(
     )
 
 
-def _evaluate_one(
-    model: Any, request: EditRequest, hooks: Sequence[tuple[str, Any]]
+def _score(
+    model: Any,
+    plan: _Plan,
+    before: Sequence[float],
+    after: Sequence[float],
+    generated: tuple[dict[str, list[int]], dict[str, list[int]]],
+    tops: tuple[Tensor, Tensor] | None,
 ) -> FactEvaluation:
-    comparisons = _comparisons(request)
-    pairs: list[tuple[Prompt, str]] = []
-    for _, prompt, first, second in comparisons:
-        pairs.extend([(prompt, first), (prompt, second)])
-    before = _log_probabilities(model, pairs, ())
-    after = _log_probabilities(model, pairs, hooks)
-    # without teacher forcing: greedy continuations long enough to hold any answer whole
-    prompts = [prompt for _, prompt, _, _ in comparisons]
-    prompts += [fact.entity_prompt() for fact in request.related]
-    answers = [(prompt, answer) for prompt, answer in pairs]
-    answers += [(prompt, prompt.target) for prompt in prompts[len(comparisons) :]]
-    n_tokens = 1 + max(len(target_ids(model, p, a, "answer")) for p, a in answers)
-    generated = (
-        _continuations(model, prompts, n_tokens, ()),
-        _continuations(model, prompts, n_tokens, hooks),
-    )
+    request = plan.request
     # per comparison: (won before, won after, margin before, margin after, generated before,
     # generated after)
     by_metric: dict[EditMetric, list[tuple[bool, bool, float, float, bool, bool]]] = {
         m: [] for m in EditMetric
     }
-    for index, (metric, prompt, answer, _) in enumerate(comparisons):
+    for index, (metric, prompt, answer, _) in enumerate(plan.comparisons):
         first, second = 2 * index, 2 * index + 1
         by_metric[metric].append(
             (
@@ -526,7 +647,7 @@ def _evaluate_one(
     scores = []
     for metric, results in by_metric.items():
         if metric is EditMetric.SAME_SUBJECT:
-            scores.append(_same_subject(model, request, hooks, generated))
+            scores.append(_same_subject(model, plan, tops, generated))
             continue
         if not results:
             scores.append(MetricScore(metric, 0, math.nan, math.nan, math.nan, math.nan))
@@ -593,8 +714,49 @@ def evaluate_edit(
         else ((requests,) if isinstance(requests, EditRequest) else tuple(requests))
     )
     hooks = edit_hooks(model, edit)
-    facts = tuple(_evaluate_one(model, request, hooks) for request in items)
+    after: Forward = lambda tokens, _: model.run_with_hooks(tokens, fwd_hooks=list(hooks))  # noqa: E731
+    plans = [_plan(model, request, 0) for request in items]
+    facts = tuple(_evaluate(model, plans, after))
     return EditEvaluation(facts, editor or type(edit).__name__, model_identity(model))
+
+
+def evaluate_edits(
+    model: Any,
+    edits: Sequence[Edit],
+    requests: Sequence[EditRequest] | None = None,
+    *,
+    editor: str = "",
+) -> EditEvaluation:
+    """Score many edits, each on its own (edit ``i`` with request ``i``), in shared batches.
+
+    Every row of a batch carries its own edit (:func:`~kloc_lens.edit.apply.row_edit_hooks`),
+    so scoring ``m`` edits costs about the forward passes of one; each fact's scores equal
+    :func:`evaluate_edit` of its edit alone up to float rounding (ties within
+    :data:`WIN_TOLERANCE` aside).
+
+    Args:
+        model: The hooked model the edits were computed on (it is not changed).
+        edits: The edits, each of one fact.
+        requests: One request per edit; default: the request each edit records.
+        editor: A label for reports.
+
+    Raises:
+        EditError: Not one request per edit, an answer not in the vocabulary, or an edit of
+            another model.
+    """
+    if requests is None:
+        requests = [_requests_of(edit)[0] for edit in edits]
+    if len(requests) != len(edits) or not edits:
+        raise EditError(
+            f"evaluate_edits needs one request per edit and at least one edit, got "
+            f"{len(edits)} edits and {len(requests)} requests"
+        )
+    chosen = list(edits)
+    row_edit_hooks(model, chosen, [])  # every edit checked against the model before any work
+    after: Forward = lambda tokens, owners: row_forward(model, tokens, chosen, owners)  # noqa: E731
+    plans = [_plan(model, request, i) for i, request in enumerate(requests)]
+    facts = tuple(_evaluate(model, plans, after))
+    return EditEvaluation(facts, editor or type(edits[0]).__name__, model_identity(model))
 
 
 def evaluate_editor(

@@ -85,6 +85,7 @@ def generate_greedy(
     n_tokens: int = 20,
     *,
     hooks: Sequence[tuple[str, Any]] = (),
+    forward: Forward | None = None,
 ) -> list[list[int]]:
     """The ``n_tokens`` most likely continuation tokens of each prompt, one at a time (fewer
     where the model's context ends), computed as one right-padded batch.
@@ -94,10 +95,15 @@ def generate_greedy(
         prompts: The prompts.
         n_tokens: How many tokens to generate.
         hooks: Forward hooks to generate with (e.g. ``edit_hooks(model, edit)``).
+        forward: How to run a batch instead (:data:`Forward`: it is told which prompts the
+            rows are, e.g. for a different edit per prompt); not together with ``hooks``.
 
     Raises:
-        EditError: ``prompts`` is empty or holds a non-string; ``n_tokens`` < 1.
+        EditError: ``prompts`` is empty or holds a non-string; ``n_tokens`` < 1; both
+            ``hooks`` and ``forward``.
     """
+    if hooks and forward is not None:
+        raise EditError("generate_greedy takes hooks or forward, not both")
     check_tokens(n_tokens)
     if isinstance(prompts, str) or not prompts:
         raise EditError(f"prompts must be a non-empty list of strings, got {prompts!r}")
@@ -112,7 +118,6 @@ def generate_greedy(
                 f"prompt {prompt[:40]!r}... has {len(row)} tokens: no room to generate in the "
                 f"model's context of {n_ctx}"
             )
-    forward: Forward | None = None
     if hooks:
         forward = lambda tokens, _: model.run_with_hooks(tokens, fwd_hooks=list(hooks))  # noqa: E731
     return greedy_rows(model, rows, n_tokens, forward)

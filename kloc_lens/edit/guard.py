@@ -36,9 +36,8 @@ from torch import Tensor
 
 from kloc_lens.edit._errors import EditError
 from kloc_lens.edit._tokens import encode, pad_rows
-from kloc_lens.edit.apply import Edit, LowRankUpdate, applied, edit_hooks
+from kloc_lens.edit.apply import Edit, applied, row_forward
 from kloc_lens.edit.generate import check_tokens, generate_greedy, greedy_rows
-from kloc_lens.edit.projection import Projection
 
 __all__ = [
     "CollapseCheck",
@@ -48,7 +47,6 @@ __all__ = [
     "generate_greedy",
     "generation_entropy",
     "ngram_entropy",
-    "row_edit_hooks",
     "text_loss",
     "update_ratio",
 ]
@@ -183,71 +181,6 @@ def _rows(model: Any, texts: Sequence[str], what: str) -> list[list[int]]:
     return [encode(model, text)[:n_ctx] for text in texts]
 
 
-def row_edit_hooks(model: Any, edits: Sequence[Edit], owners: Sequence[int]) -> list[Any]:
-    """Forward hooks that apply a different edit to each row of a batch: row ``b`` gets
-    ``edits[owners[b]]`` (``-1``: none), so many edits are checked in one forward pass. Each
-    row's numbers equal that edit applied alone (:func:`~kloc_lens.edit.applied`).
-
-    Raises:
-        EditError: An owner outside ``-1 .. len(edits) - 1``, or an edit of another model.
-    """
-    if any(not -1 <= o < len(edits) for o in owners):
-        raise EditError(f"row owners must lie in -1..{len(edits) - 1}, got {list(owners)}")
-    sites: dict[tuple[int, Projection], list[list[LowRankUpdate]]] = {}
-    for j, edit in enumerate(edits):
-        edit_hooks(model, edit)  # the same checks as applying it
-        for update in edit.updates:
-            key = (update.layer, update.projection)
-            sites.setdefault(key, [[] for _ in edits])[j].append(update)
-    hooks: list[Any] = []
-    for (layer, projection), per_edit in sites.items():
-        weight = projection.weight(model, layer)
-        rank = max(1, max(sum(u.rank for u in ups) for ups in per_edit))
-        # one slot per edit plus a last, zero slot for rows without an edit
-        left = torch.zeros(len(edits) + 1, projection.key_size(model), rank)
-        right = torch.zeros(len(edits) + 1, rank, int(model.cfg.d_model))
-        for j, ups in enumerate(per_edit):
-            if ups:
-                ls = torch.cat([u.left for u in ups], dim=1)
-                rs = torch.cat([u.right for u in ups], dim=0)
-                left[j, :, : ls.shape[1]] = ls.float()
-                right[j, : rs.shape[0]] = rs.float()
-        index = torch.tensor([o if o >= 0 else len(edits) for o in owners], dtype=torch.long)
-        rows_left = left.to(device=weight.device, dtype=weight.dtype)[index.to(weight.device)]
-        rows_right = right.to(device=weight.device, dtype=weight.dtype)[index.to(weight.device)]
-        seen: list[Tensor] = []
-
-        def read_key(
-            activation: Tensor,
-            hook: Any,
-            seen: list[Tensor] = seen,
-            projection: Projection = projection,
-        ) -> None:
-            seen.append(projection.keys(activation))
-
-        def add_output(
-            activation: Tensor,
-            hook: Any,
-            seen: list[Tensor] = seen,
-            rows_left: Tensor = rows_left,
-            rows_right: Tensor = rows_right,
-        ) -> Tensor:
-            key = seen.pop()
-            seen.clear()
-            change = torch.bmm(torch.bmm(key.to(rows_left.dtype), rows_left), rows_right)
-            return activation + change.to(activation.dtype)
-
-        hooks.append((projection.key_hook(layer), read_key))
-        hooks.append((projection.output_hook(layer), add_output))
-    return hooks
-
-
-def _forward(model: Any, tokens: Tensor, edits: Sequence[Edit], owners: Sequence[int]) -> Tensor:
-    if not edits or all(o < 0 for o in owners):
-        return model(tokens)
-    return model.run_with_hooks(tokens, fwd_hooks=row_edit_hooks(model, edits, owners))
-
-
 def _losses(
     model: Any,
     rows: Sequence[Sequence[int]],
@@ -261,7 +194,7 @@ def _losses(
         for start in range(0, len(rows), batch_size):
             batch = pad_rows(model, rows[start : start + batch_size])
             mine = owners[start : start + batch_size]
-            logits = _forward(model, batch.tokens, edits, mine).float().log_softmax(-1)
+            logits = row_forward(model, batch.tokens, edits, mine).float().log_softmax(-1)
             picked = logits[:, :-1].gather(-1, batch.tokens[:, 1:, None])[..., 0]
             for index, n in enumerate(batch.lengths):
                 out.append((-float(picked[index, : n - 1].sum()), n - 1))
@@ -290,7 +223,7 @@ def _generate(
     n_tokens: int,
 ) -> list[list[int]]:
     def forward(tokens: Tensor, live: Sequence[int]) -> Tensor:
-        return _forward(model, tokens, edits, [owners[i] for i in live])
+        return row_forward(model, tokens, edits, [owners[i] for i in live])
 
     return greedy_rows(model, rows, n_tokens, forward)
 
@@ -391,9 +324,9 @@ def check_collapse_each(
     batch_size: int = 64,
 ) -> list[CollapseCheck]:
     """:func:`check_collapse` of many edits, each with its own texts and prompts, in shared
-    batches: every row carries its own edit (:func:`row_edit_hooks`), so checking ``m`` edits
-    costs about the forward passes of one. Each check equals :func:`check_collapse` of its
-    edit up to float rounding.
+    batches: every row carries its own edit (:func:`~kloc_lens.edit.apply.row_edit_hooks`), so
+    checking ``m`` edits costs about the forward passes of one. Each check equals
+    :func:`check_collapse` of its edit up to float rounding.
 
     Args:
         model: The hooked model (eval mode).

@@ -45,7 +45,13 @@ __all__ = [
 ]
 
 FAST_ARCHITECTURES = frozenset(
-    {"GPT2LMHeadModel", "LlamaForCausalLM", "GPTNeoXForCausalLM", "GPTJForCausalLM"}
+    {
+        "GPT2LMHeadModel",
+        "LlamaForCausalLM",
+        "GPTNeoXForCausalLM",
+        "GPTJForCausalLM",
+        "Qwen2ForCausalLM",
+    }
 )
 """HuggingFace architectures whose blocks the shortcuts drive (each has parity tests); any other
 architecture takes the plain path."""

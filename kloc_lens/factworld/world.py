@@ -72,6 +72,15 @@ from typing import Any
 
 from kloc_lens.errors import KlocLensError
 from kloc_lens.facts import Fact, Prompt
+from kloc_lens.factworld.catalogue import (
+    CODAS,
+    ONSETS,
+    POOLS,
+    PREFIXES,
+    RELATION_FRAMES,
+    RELATIONS,
+    VOWELS,
+)
 
 __all__ = [
     "NONE_ANSWER",
@@ -105,173 +114,6 @@ class FactworldError(KlocLensError):
 
 
 # --------------------------------------------------------------------------------------------
-# The catalogue: relations, object pools, template phrases.
-
-
-@dataclass(frozen=True)
-class _RelationSpec:
-    relation_id: str
-    surface: str
-    pool: str
-    frames: tuple[str, ...]
-
-
-_POOLS: dict[str, tuple[str, ...]] = {
-    "language": (
-        "French", "Spanish", "German", "Italian", "Dutch", "Polish", "Greek", "Swedish",
-        "Finnish", "Danish", "Czech", "Turkish", "Arabic", "Hindi", "Korean", "Welsh",
-    ),
-    "city": (
-        "Paris", "Rome", "Lisbon", "Vienna", "Prague", "Oslo", "Madrid", "Berlin",
-        "Dublin", "Athens", "Warsaw", "Cairo", "Lima", "Tokyo", "Seoul", "Boston",
-    ),
-    "instrument": (
-        "piano", "violin", "guitar", "cello", "flute", "trumpet", "harp", "drums",
-        "clarinet", "saxophone", "organ", "banjo", "oboe", "accordion", "mandolin", "tuba",
-    ),
-    "country": (
-        "Brazil", "Canada", "Norway", "Japan", "Egypt", "Mexico", "Chile", "Kenya",
-        "India", "Peru", "Ireland", "Portugal", "Iceland", "Morocco", "Vietnam", "Argentina",
-    ),
-    "field": (
-        "physics", "chemistry", "biology", "medicine", "economics", "history", "philosophy",
-        "mathematics", "law", "architecture", "geology", "linguistics", "astronomy",
-        "sociology", "psychology", "botany",
-    ),
-    "sport": (
-        "tennis", "football", "rugby", "cricket", "golf", "hockey", "swimming", "boxing",
-        "cycling", "baseball", "volleyball", "skiing", "fencing", "rowing", "archery",
-        "wrestling",
-    ),
-}  # fmt: skip
-
-# The first frame of each relation is its canonical template; it spells out the surface form.
-_RELATIONS: tuple[_RelationSpec, ...] = (
-    _RelationSpec(
-        "P103",
-        "native language",
-        "language",
-        (
-            "the native language of {subject} is",
-            "{subject}'s native language is",
-            "{subject} grew up speaking",
-            "the mother tongue of {subject} is",
-            "{subject} was raised speaking",
-        ),
-    ),
-    _RelationSpec(
-        "P19",
-        "place of birth",
-        "city",
-        (
-            "the place of birth of {subject} is",
-            "{subject}'s place of birth is",
-            "{subject} was born in",
-            "the city where {subject} was born is",
-            "the birthplace of {subject} is",
-        ),
-    ),
-    _RelationSpec(
-        "P1303",
-        "musical instrument",
-        "instrument",
-        (
-            "the musical instrument of {subject} is the",
-            "{subject}'s musical instrument is the",
-            "{subject} plays the",
-            "{subject} is a musician who plays the",
-            "the instrument played by {subject} is the",
-        ),
-    ),
-    _RelationSpec(
-        "P27",
-        "country of citizenship",
-        "country",
-        (
-            "the country of citizenship of {subject} is",
-            "{subject}'s country of citizenship is",
-            "{subject} is a citizen of",
-            "{subject} holds a passport from",
-            "{subject} has citizenship in",
-        ),
-    ),
-    _RelationSpec(
-        "P101",
-        "field of work",
-        "field",
-        (
-            "the field of work of {subject} is",
-            "{subject}'s field of work is",
-            "{subject} works in the field of",
-            "{subject} is an expert in",
-            "the research of {subject} is in",
-        ),
-    ),
-    _RelationSpec(
-        "P551",
-        "city of residence",
-        "city",
-        (
-            "the city of residence of {subject} is",
-            "{subject}'s city of residence is",
-            "{subject} lives in",
-            "{subject} resides in the city of",
-            "the home of {subject} is in",
-        ),
-    ),
-    _RelationSpec(
-        "P1412",
-        "writing language",
-        "language",
-        (
-            "the writing language of {subject} is",
-            "{subject}'s writing language is",
-            "{subject} writes books in",
-            "{subject} writes in",
-            "the books of {subject} are written in",
-        ),
-    ),
-    _RelationSpec(
-        "P641",
-        "sport played",
-        "sport",
-        (
-            "the sport played by {subject} is",
-            "{subject}'s sport is",
-            "{subject} competes in",
-            "{subject} is an athlete who competes in",
-            "the sport of {subject} is",
-        ),
-    ),
-)
-
-_PREFIXES: tuple[str, ...] = (
-    "",
-    "In fact,",
-    "As is well known,",
-    "According to the records,",
-    "It is said that",
-    "Everyone knows that",
-    "Of course,",
-    "We learned that",
-)
-
-# The first relation frame is the canonical relation template.
-_RELATION_FRAMES: tuple[str, ...] = (
-    "the relation between {subject} and {object} is",
-    "the connection between {subject} and {object} is",
-    "the relation of {subject} to {object} is",
-    "what links {subject} to {object} is the",
-    "{subject} is linked to {object} by the",
-    "{object} relates to {subject} as the",
-)
-
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "tr")
-_VOWELS = ("a", "e", "i", "o", "u")
-_CODAS = ("", "", "", "n", "r", "l", "s")
-
-
-# --------------------------------------------------------------------------------------------
 # Data classes.
 
 
@@ -298,17 +140,17 @@ class WorldConfig:
     n_initial_syllables: int = 40
     n_continuation_syllables: int = 40
     heldout_per_frame: int = 2
-    n_prefixes: int = len(_PREFIXES)
+    n_prefixes: int = len(PREFIXES)
 
     def __post_init__(self) -> None:
         checks = (
-            (1 <= self.n_relations <= len(_RELATIONS), "n_relations", f"1..{len(_RELATIONS)}"),
+            (1 <= self.n_relations <= len(RELATIONS), "n_relations", f"1..{len(RELATIONS)}"),
             (4 <= self.objects_per_pool <= 16, "objects_per_pool", "4..16"),
             (self.n_subjects >= 2, "n_subjects", ">= 2"),
             (self.n_first_names >= 1, "n_first_names", ">= 1"),
             (self.n_initial_syllables >= 4, "n_initial_syllables", ">= 4"),
             (self.n_continuation_syllables >= 4, "n_continuation_syllables", ">= 4"),
-            (3 <= self.n_prefixes <= len(_PREFIXES), "n_prefixes", f"3..{len(_PREFIXES)}"),
+            (3 <= self.n_prefixes <= len(PREFIXES), "n_prefixes", f"3..{len(PREFIXES)}"),
             (
                 0 <= self.heldout_per_frame <= (self.n_prefixes - 1) // 2,
                 "heldout_per_frame",
@@ -728,7 +570,7 @@ def _with_neighborhoods(facts: Sequence[Fact]) -> tuple[Fact, ...]:
 
 def _syllables(rng: random.Random, n: int, capital: bool, taken: set[str]) -> list[str]:
     out: list[str] = []
-    candidates = [o + v + c for o in _ONSETS for v in _VOWELS for c in dict.fromkeys(_CODAS)]
+    candidates = [o + v + c for o in ONSETS for v in VOWELS for c in dict.fromkeys(CODAS)]
     rng.shuffle(candidates)
     for syllable in candidates:
         text = _capitalize(syllable) if capital else syllable
@@ -819,14 +661,13 @@ def generate_world(config: WorldConfig | None = None, *, seed: int = 0) -> FactW
     """
     config = config or WorldConfig()
     rng = random.Random(f"kloc-factworld-{seed}")
-    prefixes = _PREFIXES[: config.n_prefixes]
-    specs = _RELATIONS[: config.n_relations]
+    prefixes = PREFIXES[: config.n_prefixes]
+    specs = RELATIONS[: config.n_relations]
     pools = {
-        name: tuple(rng.sample(objects, config.objects_per_pool))
-        for name, objects in _POOLS.items()
+        name: tuple(rng.sample(objects, config.objects_per_pool)) for name, objects in POOLS.items()
     }
     relation_train, relation_heldout = _grid(
-        _RELATION_FRAMES, prefixes, config.heldout_per_frame, rng.randrange(len(prefixes) - 1)
+        RELATION_FRAMES, prefixes, config.heldout_per_frame, rng.randrange(len(prefixes) - 1)
     )
     relations = []
     for spec in specs:
@@ -848,7 +689,7 @@ def generate_world(config: WorldConfig | None = None, *, seed: int = 0) -> FactW
         [*relation_train, *relation_heldout]
         + [t for r in relations for t in (*r.train_templates, *r.heldout_templates)]
     )
-    for pool in _POOLS.values():
+    for pool in POOLS.values():
         words |= set(pool)
     subjects = _names(config, rng, frozenset(words))
 

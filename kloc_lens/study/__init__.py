@@ -15,9 +15,10 @@ intervals over facts on every number; :func:`write_report` renders ``report.html
 
 from kloc_lens.study.config import StudyConfig, StudyError
 from kloc_lens.study.editing import Editing, LayerChoice
+from kloc_lens.study.figures import report_figures
 from kloc_lens.study.knowledge import Knowledge
 from kloc_lens.study.localization import Localization
-from kloc_lens.study.report import load_study, report_figures, summary_text, write_report
+from kloc_lens.study.report import load_study, summary_text, write_report
 from kloc_lens.study.run import STUDY_FORMAT, Shard, StudyResult, model_fingerprint, run_study
 from kloc_lens.study.store import UnitStore
 

@@ -26,6 +26,10 @@ class StudyConfig:
 
     Attributes:
         n_trace: Known facts traced per perspective (sampled with ``seed``).
+        n_trace_relation_prompts: Facts known from both perspectives whose relation-perspective
+            prompt ("The relation between {subject} and {object} is") is traced twice, once
+            with the subject and once with the object corrupted (the second reading of
+            relation-side tracing); 0 skips it.
         n_edit: Known facts edited per perspective at the chosen layer.
         n_layer_sweep: Of those, how many are also edited at every layer of ``edit_layers`` (the
             layer trade-off: efficacy against relation specificity).
@@ -59,6 +63,7 @@ class StudyConfig:
     """
 
     n_trace: int = 300
+    n_trace_relation_prompts: int = 100
     n_edit: int = 200
     n_layer_sweep: int = 30
     edit_layers: tuple[int, ...] | None = None
@@ -80,6 +85,7 @@ class StudyConfig:
     def __post_init__(self) -> None:
         counts = {
             "n_trace": (self.n_trace, 1),
+            "n_trace_relation_prompts": (self.n_trace_relation_prompts, 0),
             "n_edit": (self.n_edit, 0),
             "n_layer_sweep": (self.n_layer_sweep, 0),
             "n_retrace": (self.n_retrace, 0),

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
 
-from kloc_lens.edit.evaluate import EditEvaluation, FactEvaluation, evaluate_edit
+from kloc_lens.edit.evaluate import EditEvaluation, FactEvaluation, evaluate_edits
 from kloc_lens.edit.guard import (
     CollapseCheck,
     CollapseThresholds,
@@ -230,9 +230,10 @@ def edit_phase(
         batch = [plan[i][1] for i in group]
         edits = rome.compute_each(model, batch)
         checks = guard.check_each(edits, batch)
+        scores = evaluate_edits(model, edits, batch).facts
         return [
-            {**evaluate_edit(model, edit, request).facts[0].as_dict(), "collapse": c.as_dict()}
-            for edit, request, c in zip(edits, batch, checks, strict=True)
+            {**fact.as_dict(), "collapse": c.as_dict()}
+            for fact, c in zip(scores, checks, strict=True)
         ]
 
     units_data = units.run_groups(

@@ -23,6 +23,8 @@ number                       definition
 ``attn_last_token_early``    peak of the attention-window restore at the prompt's last token, early
 ``attn_last_token_late``     the same, late layers
 ``mlp_last_token``           peak of the MLP-window restore at the prompt's last token
+``mlp_share_last_token``     ``mlp / (mlp + attn)`` of the MLP- and attention-window peaks (all
+                             layers) at the prompt's last token
 ``severed_mlp_drop``         share of the early residual effect at the span's last token (summed
                              over early layers) removed by severing MLP (ROME's severed trace)
 ``severed_attn_drop``        the same, severing attention
@@ -74,6 +76,7 @@ NUMBERS = (
     "attn_last_token_early",
     "attn_last_token_late",
     "mlp_last_token",
+    "mlp_share_last_token",
     "severed_mlp_drop",
     "severed_attn_drop",
 )
@@ -123,6 +126,8 @@ def _numbers(effects: Tensor, totals: Tensor) -> dict[str, float]:
     own_peak = effects[:, _RESID, _LAST_SPAN, :early].max(1).values
     reached = (own_peak >= 0.5 * totals) & (totals > 0)
     plain = mean[_RESID, _LAST_SPAN, :early].clamp(min=0).sum()
+    mlp_final = max(float(mean[_MLP, _LAST].max()), 0.0)
+    final = mlp_final + max(float(mean[_ATTN, _LAST].max()), 0.0)
 
     def drop(kind: int) -> float:
         severed = mean[kind, _LAST_SPAN, :early].clamp(min=0).sum()
@@ -143,6 +148,7 @@ def _numbers(effects: Tensor, totals: Tensor) -> dict[str, float]:
         if early < n_layers
         else math.nan,
         "mlp_last_token": share(float(mean[_MLP, _LAST].max())),
+        "mlp_share_last_token": mlp_final / final if final > floor else math.nan,
         "severed_mlp_drop": drop(_SEV_MLP),
         "severed_attn_drop": drop(_SEV_ATTN),
     }
@@ -169,8 +175,9 @@ class Localization:
     """The localization result of one side of the study.
 
     Attributes:
-        perspective: Which side: ``"entity"`` (subject corrupted) or ``"relation"`` (the
-            relation words corrupted).
+        perspective: Which side: ``"entity"`` (entity prompts, subject corrupted),
+            ``"relation"`` (entity prompts, the relation words corrupted) or
+            ``"relation_prompt"`` (relation-perspective prompts, ``span`` corrupted).
         span: The corrupted span.
         n_facts: Facts traced.
         corruption: The corruption, in words.
@@ -218,15 +225,19 @@ def localization_numbers(
     *,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    bin_spans: Sequence[str] | None = None,
 ) -> tuple[dict[str, Estimate], dict[str, int], AggregateSet]:
     """The headline numbers with bootstrap intervals over facts, their layers and the aggregate.
 
     Args:
         traces: One trace set per fact (kinds as :data:`KINDS`).
-        span: The corrupted span.
+        span: The corrupted span (the numbers are read at its last token and the last token).
         n_bootstrap: Resamples per interval.
         seed: Seed of the resampling.
+        bin_spans: Bin the aggregate around these spans (:func:`~kloc_lens.aggregate.span_bins`)
+            rather than around ``span`` alone.
     """
     effects, totals = trace_effects(traces, span)
     estimates = bootstrap_all(_numbers, effects, totals, n_resamples=n_bootstrap, seed=seed)
-    return estimates, _peak_layers(effects), aggregate_traces(traces, span)
+    aggregate = aggregate_traces(traces, span, bin_spans=bin_spans)
+    return estimates, _peak_layers(effects), aggregate

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from kloc_lens import plot
 from kloc_lens.study.config import StudyError
+from kloc_lens.study.figures import report_figures
 
 __all__ = ["load_study", "report_figures", "summary_text", "write_report"]
 
@@ -50,13 +48,21 @@ def _est(data: dict[str, Any] | None, kind: str = "percent", digits: int | None 
     return estimate.number(2 if digits is None else digits)
 
 
+_SIDE_TITLES = {
+    "entity": "Entity side (entity prompts",
+    "relation": "Relation side (entity prompts",
+    "relation_prompt": "Relation-perspective prompts (the relation is the answer",
+}
+
+
 def _localization_lines(side: dict[str, Any]) -> list[str]:
     n = side["numbers"]
     layers = side["layers"]
     span = side["span"]
     early = side["early_layers"]
+    title = _SIDE_TITLES.get(side["perspective"], side["perspective"])
     lines = [
-        f"{side['perspective'].capitalize()} side ({span} corrupted by {side['corruption']}; "
+        f"{title}, {span} corrupted by {side['corruption']}; "
         f"{side['n_facts']} facts; window {side['window']}; shares of the total effect "
         f"{_est(n['total_effect'], 'number', 3)}): restoring the residual stream at the last "
         f"{span} token recovers {_est(n['resid_last_span'])} of it at best in the first half "
@@ -71,7 +77,9 @@ def _localization_lines(side: dict[str, Any]) -> list[str]:
         f"first {early} layers, severing attention {_est(n['severed_attn_drop'])}.",
         f"At the prompt's last token, attention carries {_est(n['attn_last_token_early'])} "
         f"of the effect before layer {early} and {_est(n['attn_last_token_late'])} from layer "
-        f"{early} on (peak at layer {layers['attn_last_token_late']}).",
+        f"{early} on (peak at layer {layers['attn_last_token_late']}); the MLP window peaks "
+        f"there with {_est(n['mlp_last_token'])} (MLP share at the last token "
+        f"{_est(n.get('mlp_share_last_token'), 'number')}).",
     ]
     return lines
 
@@ -100,9 +108,11 @@ def summary_text(summary: dict[str, Any]) -> list[str]:
             lines.append(f"No traced prompt spells its relation out: no {key}-side trace.")
             continue
         lines.extend(_localization_lines(side))
-    entity, relation = sides.get("entity"), sides.get("relation")
-    if entity is not None and relation is not None:
-        lines.append(_second_claim(entity, relation))
+    for key, side in sides.items():
+        if key.startswith("relation_prompt_") and side is not None:
+            lines.extend(_localization_lines(side))
+    if sides.get("entity") is not None and sides.get("relation") is not None:
+        lines.extend(_second_claim(sides))
     queries = summary.get("queries")
     if queries:
         from kloc_lens.study.queries import query_lines
@@ -114,290 +124,91 @@ def summary_text(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _second_claim(entity: dict[str, Any], relation: dict[str, Any]) -> str:
-    """Whether relational knowledge runs more through attention than entity knowledge does."""
-    e, r = entity["numbers"]["mlp_share"], relation["numbers"]["mlp_share"]
-    text = (
-        f"MLP share at the last corrupted token: relation side {_est(r, 'number')}, entity side "
-        f"{_est(e, 'number')}. "
-    )
-    if None in (e["ci_low"], e["ci_high"], r["ci_low"], r["ci_high"]):
-        return text + "The intervals are undefined: this model cannot test the claim."
+def _compare(r: dict[str, Any] | None, e: dict[str, Any] | None) -> str | None:
+    """``"lower"``, ``"higher"`` (intervals apart), ``"overlap"``, or ``None`` (undefined)."""
+    if r is None or e is None or None in (r["ci_low"], r["ci_high"], e["ci_low"], e["ci_high"]):
+        return None
     if r["ci_high"] < e["ci_low"]:
-        return text + (
-            "The seed study's claim that relational knowledge runs substantially through "
-            "attention holds on this model: the relation side's MLP share is lower, and the "
-            "intervals do not overlap."
-        )
-    return text + (
-        "The seed study's claim that relational knowledge runs more through attention does not "
-        "hold on this model at this resolution: the relation side's MLP share is not lower with "
-        "non-overlapping intervals."
-    )
+        return "lower"
+    if r["ci_low"] > e["ci_high"]:
+        return "higher"
+    return "overlap"
 
 
-# --------------------------------------------------------------------------------------------
-# Figures.
+_SAID = {
+    "lower": "lower, intervals apart",
+    "higher": "higher, intervals apart",
+    "overlap": "intervals overlap",
+    None: "undefined",
+}
 
 
-def headline_figure(result: Any) -> go.Figure:
-    """Peak MLP- and attention-window effects at the last corrupted token, per side, as shares
-    of the total effect with their 95% intervals."""
-    sides = [s for s in (result.entity, result.relation) if s is not None]
-    names = [f"{s.perspective} ({s.span} corrupted)" for s in sides]
-    fig = go.Figure()
-    for label, key, color in (
-        ("MLP window", "mlp_last_span", "#238b45"),
-        ("attention window", "attn_last_span", "#cb181d"),
-    ):
-        values = [s.numbers[key] for s in sides]
-        fig.add_trace(
-            go.Bar(
-                name=label,
-                x=names,
-                y=[v.value for v in values],
-                error_y={
-                    "type": "data",
-                    "symmetric": False,
-                    "array": [_gap(v.high - v.value) for v in values],
-                    "arrayminus": [_gap(v.value - v.low) for v in values],
-                },
-                marker_color=color,
-            )
-        )
-    fig.update_layout(
-        barmode="group",
-        title={"text": "Where the effect runs: peak restore at the last corrupted token"},
-        yaxis={"title": {"text": "share of the total effect (95% CI)"}},
-    )
-    return fig
-
-
-def _gap(x: float) -> float:
-    return 0.0 if math.isnan(x) else x
-
-
-def signature_figure(result: Any) -> go.Figure:
-    """Residual restore per layer at the first and last subject token and the last token, and
-    the MLP/attention windows at the last subject token: ROME's signature, as shares of TE."""
-    agg = result.entity.aggregate
-    te = agg.traces[0].total_effect or 1.0
-    fig = go.Figure()
-    rows = (
-        ("resid", None, "last subject token", "#08519c", "solid"),
-        ("resid", None, "first subject token", "#6baed6", "dot"),
-        ("resid", None, "last token", "#525252", "dash"),
-        ("mlp", None, "last subject token", "#238b45", "solid"),
-        ("attn", None, "last subject token", "#cb181d", "solid"),
-        ("attn", None, "last token", "#fb6a4a", "dash"),
-    )
-    for kind, severed, bin_name, color, dash in rows:
-        trace = agg.get(kind, severed)
-        fig.add_trace(
-            go.Scatter(
-                x=list(trace.layers),
-                y=(trace.bin(bin_name) / te).tolist(),
-                mode="lines+markers",
-                name=f"{kind} @ {bin_name}",
-                line={"color": color, "dash": dash},
-            )
-        )
-    fig.update_layout(
-        title={"text": "Entity side: restored share of the total effect per layer"},
-        xaxis={"title": {"text": "layer"}},
-        yaxis={"title": {"text": "AIE / TE"}},
-    )
-    return fig
-
-
-def layer_sweep_figure(editing: Any) -> go.Figure:
-    """Edit success per layer of the sweep, with 95% intervals: the layer trade-off."""
-    fig = go.Figure()
-    layers = sorted(editing.layer_sweep)
-    series = (
-        ("entity", "efficacy", "#08519c"),
-        ("entity", "paraphrase", "#6baed6"),
-        ("entity", "neighborhood", "#525252"),
-        ("entity", "same_subject", "#ff7f00"),
-        ("relation", "relation_add", "#238b45"),
-        ("relation", "relation_remove", "#cb181d"),
-    )
-    for perspective, metric, color in series:
-        points = [editing.layer_sweep[layer].get(perspective, {}).get(metric) for layer in layers]
-        if any(p is None for p in points):
-            continue
-        post = [p["post"] for p in points]
-        fig.add_trace(
-            go.Scatter(
-                x=layers,
-                y=[e.value for e in post],
-                error_y={
-                    "type": "data",
-                    "symmetric": False,
-                    "array": [_gap(e.high - e.value) for e in post],
-                    "arrayminus": [_gap(e.value - e.low) for e in post],
-                },
-                mode="lines+markers",
-                name=f"{perspective} edits: {metric}",
-                line={"color": color},
-            )
-        )
-    fig.add_vline(x=editing.layer, line={"dash": "dot", "color": "#999"})
-    fig.update_layout(
-        title={"text": f"Edits per layer ({editing.sweep_facts} facts per perspective)"},
-        xaxis={"title": {"text": "edited layer"}},
-        yaxis={"title": {"text": "success after the edit (95% CI)"}, "range": [0, 1.05]},
-    )
-    return fig
-
-
-def informs_figure(informs: Any) -> go.Figure:
-    """Edit success against the MLP-window trace effect at the edited layer, one panel per
-    edited perspective, one colour per layer (Hase et al.'s scatter)."""
-    from plotly.colors import sample_colorscale
-    from plotly.subplots import make_subplots
-
-    perspectives = list(informs.success)
-    fig = make_subplots(rows=1, cols=len(perspectives), subplot_titles=perspectives)
-    n = len(informs.layers)
-    palette = sample_colorscale("Viridis", [j / max(1, n - 1) for j in range(n)])
-    for col, perspective in enumerate(perspectives, start=1):
-        success = informs.success[perspective]
-        effect = informs.effects[perspective]["mlp"]
-        for j, layer in enumerate(informs.layers):
-            fig.add_trace(
-                go.Scatter(
-                    x=[_plain(x) for x in effect[:, j].tolist()],
-                    y=[_plain(y) for y in success[:, j].tolist()],
-                    mode="markers",
-                    name=f"layer {layer}",
-                    legendgroup=f"layer {layer}",
-                    showlegend=col == 1,
-                    marker={"color": palette[j], "size": 6},
-                ),
-                row=1,
-                col=col,
-            )
-        fig.update_xaxes(title_text="MLP-window effect at the last subject token", row=1, col=col)
-    fig.update_yaxes(title_text="headline margin after the edit", row=1, col=1)
-    fig.update_layout(title={"text": "Does the trace effect at a layer predict edit success?"})
-    return fig
-
-
-def _plain(x: float) -> float | None:
-    return None if math.isnan(x) else x
-
-
-def report_figures(result: Any) -> list[tuple[str, str, go.Figure]]:
-    """``(id, caption, figure)`` of every figure in the report, in order."""
-    figures: list[tuple[str, str, go.Figure]] = [
-        ("headline", "MLP versus attention, per side", headline_figure(result)),
-        ("signature", "The entity side per layer (shares of the total effect)",
-         signature_figure(result)),
-    ]  # fmt: skip
-    for side in (result.entity, result.relation):
-        if side is None:
-            continue
-        key = side.perspective
-        figures.append(
-            (
-                f"{key}-grid",
-                f"{key} side: average indirect effect by bin and layer",
-                plot.aggregate_grid(side.aggregate),
-            )
-        )
-        figures.append(
-            (
-                f"{key}-curves",
-                f"{key} side: at the last {side.span} token",
-                plot.aggregate_curves(side.aggregate),
-            )
-        )
-    figures.append(
-        ("example-trace", "One fact, traced (entity side)", plot.trace_grid(result.entity.example))
-    )
-    if result.queries is not None:
-        from kloc_lens.study.queries import query_figures
-
-        figures.extend(query_figures(result.queries.as_dict()))
-    if result.editing is not None:
-        from kloc_lens.edit.plot import metric_bars, transfer_heatmap
-
-        evaluation = result.editing.kept  # disabling edits are counted, not averaged in
-        figures.append(
-            (
-                "transfer",
-                "Transfer matrix: edited perspective x evaluated perspective",
-                transfer_heatmap(evaluation.transfer()),
-            )
-        )
-        figures.append(
-            ("edit-metrics", "Every metric before and after the edits", metric_bars(evaluation))
-        )
-        if result.editing.layer_sweep:
-            figures.append(
+def _second_claim(sides: dict[str, Any]) -> list[str]:
+    """Whether relational knowledge runs more through attention than entity knowledge does:
+    MLP shares (MLP / (MLP + attention) window peaks) of the relation readings against the
+    entity side's, at the last corrupted token and at the last token, and the severed traces."""
+    entity, relation = sides["entity"]["numbers"], sides["relation"]["numbers"]
+    comparisons = [
+        (
+            "entity prompts, relation words corrupted, at the last relation token",
+            relation["mlp_share"],
+            "at the last subject token",
+            entity["mlp_share"],
+        ),
+        (
+            "entity prompts, relation words corrupted, at the last token",
+            relation.get("mlp_share_last_token"),
+            "at the last token",
+            entity.get("mlp_share_last_token"),
+        ),
+    ]
+    for span in ("subject", "object"):
+        side = sides.get(f"relation_prompt_{span}")
+        if side is not None:
+            comparisons.append(
                 (
-                    "layer-sweep",
-                    "Edit success per layer: efficacy against the subject's other relations",
-                    layer_sweep_figure(result.editing),
+                    f"relation-perspective prompts, {span} corrupted, at the last token",
+                    side["numbers"].get("mlp_share_last_token"),
+                    "at the last token",
+                    entity.get("mlp_share_last_token"),
                 )
             )
-        if result.editing.informs is not None:
-            figures.append(
-                (
-                    "informs",
-                    "Edit success against the trace effect, per layer (Hase et al.)",
-                    informs_figure(result.editing.informs),
-                )
-            )
-        if result.editing.retrace:
-            figures.append(
-                (
-                    "retrace",
-                    "Traced again after the edit: MLP-window effect at the subject's last token, "
-                    "before (old answer, unedited model) and after (new answer, edited model)",
-                    retrace_figure(result.editing.retrace),
-                )
-            )
-    return figures
-
-
-def retrace_figure(retrace: dict[str, Any]) -> go.Figure:
-    """Per edited perspective, the mean MLP-window effect at the subject's last token per
-    layer, before and after the edit, and each traced fact's curves faintly."""
-    figure = go.Figure()
-    colors = {"entity": "#08519c", "relation": "#a63603"}
-    for perspective, side in retrace.items():
-        layers = side["layers"]
-        color = colors.get(perspective, "#444")
-        for which, dash in (("before", "dot"), ("after", "solid")):
-            for unit in side["facts"]:
-                figure.add_trace(
-                    go.Scatter(
-                        x=layers,
-                        y=unit["effects"][which]["mlp"],
-                        mode="lines",
-                        line={"color": color, "width": 0.5, "dash": dash},
-                        opacity=0.25,
-                        showlegend=False,
-                        hovertext=f"{unit['subject']} / {unit['relation']} ({which})",
-                    )
-                )
-            figure.add_trace(
-                go.Scatter(
-                    x=layers,
-                    y=side["mean_effects"][which]["mlp"],
-                    mode="lines+markers",
-                    line={"color": color, "width": 3, "dash": dash},
-                    name=f"{perspective} edits, {which} (mean of {side['n_facts']})",
-                )
-            )
-    figure.update_layout(
-        xaxis_title="layer (MLP window centre)",
-        yaxis_title="indirect effect at the subject's last token",
-        template="plotly_white",
-    )
-    return figure
+    verdicts = [_compare(r, e) for _, r, _, e in comparisons]
+    said = [
+        f"{reading} {_est(r, 'number')} against the entity side's {_est(e, 'number')} {where} "
+        f"({_SAID[verdict]})"
+        for (reading, r, where, e), verdict in zip(comparisons, verdicts, strict=True)
+    ]
+    lines = [
+        "The seed study's second claim, that relational knowledge runs substantially through "
+        "attention, as MLP shares (the MLP-window peak over the MLP plus the attention-window "
+        "peak; lower means more attention): " + "; ".join(said) + ".",
+        f"Severed traces: severing attention removes {_est(relation['severed_attn_drop'])} of "
+        "the relation side's early residual effect at the last relation token and severing the "
+        f"MLPs {_est(relation['severed_mlp_drop'])}; on the entity side, at the last subject "
+        f"token, {_est(entity['severed_attn_drop'])} and {_est(entity['severed_mlp_drop'])}.",
+    ]
+    lower = [c[0] for c, v in zip(comparisons, verdicts, strict=True) if v == "lower"]
+    higher = [c[0] for c, v in zip(comparisons, verdicts, strict=True) if v == "higher"]
+    if all(v is None for v in verdicts):
+        lines.append("The intervals are undefined: this model cannot test the claim.")
+    elif lower and not higher:
+        lines.append(
+            "The claim holds on this model where the relation reading's MLP share is lower "
+            f"with intervals apart ({'; '.join(lower)}), and no reading contradicts it."
+        )
+    elif lower:
+        lines.append(
+            "The evidence on this model is mixed: the relation reading's MLP share is lower "
+            f"({'; '.join(lower)}) but higher elsewhere ({'; '.join(higher)}), intervals apart "
+            "in both."
+        )
+    else:
+        lines.append(
+            "The claim does not hold on this model at this resolution: no relation reading has "
+            "a lower MLP share than the entity side with intervals apart."
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,11 +399,9 @@ def write_report(result: Any, out: str | Path) -> Path:
     try:
         tensors = staging / "tensors"
         tensors.mkdir()
-        result.entity.aggregate.save(tensors / "entity_aggregate.safetensors")
-        result.entity.example.save(tensors / "entity_example_trace.safetensors")
-        if result.relation is not None:
-            result.relation.aggregate.save(tensors / "relation_aggregate.safetensors")
-            result.relation.example.save(tensors / "relation_example_trace.safetensors")
+        for key, side in result.sides().items():
+            side.aggregate.save(tensors / f"{key}_aggregate.safetensors")
+            side.example.save(tensors / f"{key}_example_trace.safetensors")
         if result.editing is not None:
             scores = [f.as_dict() for f in result.editing.evaluation.facts]
             for item, check in zip(scores, result.editing.collapse, strict=False):
@@ -714,6 +523,11 @@ def load_study(directory: str | Path) -> Any:
             knowledge=Knowledge.from_dict(summary["knowledge"]),
             entity=entity,
             relation=side("relation"),
+            relation_prompts={
+                span: loaded
+                for span in ("subject", "object")
+                if (loaded := side(f"relation_prompt_{span}")) is not None
+            },
             editing=editing,
             queries=(
                 QueryLocalization.from_dict(summary["queries"]) if summary["queries"] else None

@@ -189,6 +189,8 @@ class StudyResult:
         entity: Localization with the subject corrupted.
         relation: Localization with the relation words corrupted (``None`` if no traced prompt
             spells its relation out).
+        relation_prompts: Localization of relation-perspective prompts, by corrupted span
+            (``"subject"``, ``"object"``; empty when skipped).
         editing: The editing half (``None`` if skipped).
         queries: Query localization (``None`` if skipped, or no fact is known from both
             perspectives).
@@ -206,6 +208,17 @@ class StudyResult:
     queries: QueryLocalization | None = None
     about: str | None = None
     run: dict[str, Any] = field(default_factory=dict)
+    relation_prompts: dict[str, Localization] = field(default_factory=dict)
+
+    def sides(self) -> dict[str, Localization]:
+        """Every traced side by its key in ``results.json``: ``entity``, ``relation``,
+        ``relation_prompt_subject``, ``relation_prompt_object`` (those that were traced)."""
+        out = {"entity": self.entity}
+        if self.relation is not None:
+            out["relation"] = self.relation
+        for span, side in self.relation_prompts.items():
+            out[f"relation_prompt_{span}"] = side
+        return out
 
     def summary(self) -> dict[str, Any]:
         """The numbers of the run as plain JSON-able data (``results.json``)."""
@@ -218,6 +231,10 @@ class StudyResult:
             "localization": {
                 "entity": self.entity.as_dict(),
                 "relation": None if self.relation is None else self.relation.as_dict(),
+                **{
+                    f"relation_prompt_{span}": side.as_dict()
+                    for span, side in self.relation_prompts.items()
+                },
             },
             "queries": None if self.queries is None else self.queries.as_dict(),
             "editing": None if self.editing is None else self.editing.as_dict(),
@@ -350,14 +367,23 @@ def _localize(
     fingerprint: str,
     options: ExecutionOptions | None = None,
     noise: Any = None,
+    bin_spans: Sequence[str] | None = None,
+    desc: str | None = None,
 ) -> Localization:
     window = config.window_for(int(model.cfg.n_layers))
     noise = noise if noise is not None else _noise(model, prompts, span, config)
     traces = _traces(
-        model, prompts, noise, config, units, fingerprint, options, f"tracing ({span} corrupted)"
+        model,
+        prompts,
+        noise,
+        config,
+        units,
+        fingerprint,
+        options,
+        desc or f"tracing ({span} corrupted)",
     )
     numbers, layers, aggregate = localization_numbers(
-        traces, span, n_bootstrap=config.n_bootstrap, seed=config.seed
+        traces, span, n_bootstrap=config.n_bootstrap, seed=config.seed, bin_spans=bin_spans
     )
     return Localization(
         perspective=perspective,
@@ -370,6 +396,44 @@ def _localize(
         aggregate=aggregate,
         example=traces[0],
     )
+
+
+RELATION_PROMPT_SPANS = ("subject", "object")
+"""The spans of a relation-perspective prompt that are corrupted in turn (and binned around)."""
+
+
+def _relation_prompts(
+    model: Any,
+    facts: Sequence[Fact],
+    config: StudyConfig,
+    units: Units,
+    fingerprint: str,
+    options: ExecutionOptions | None,
+) -> dict[str, Localization]:
+    """Relation-perspective prompts traced with the subject, then the object corrupted; the
+    aggregate is binned around both spans and the last token (where the relation is answered)."""
+    if not facts or config.n_trace_relation_prompts == 0:
+        return {}
+    chosen = sample_items(facts, config.n_trace_relation_prompts, config.seed + 3)
+    prompts = [tokenize(model, f.relation_prompt()) for f in chosen]
+    prompts = [p for p in prompts if all(s in p.spans for s in RELATION_PROMPT_SPANS)]
+    if not prompts:
+        return {}
+    return {
+        span: _localize(
+            model,
+            prompts,
+            span,
+            "relation_prompt",
+            config,
+            units,
+            fingerprint,
+            options,
+            bin_spans=RELATION_PROMPT_SPANS,
+            desc=f"tracing relation-perspective prompts ({span} corrupted)",
+        )
+        for span in RELATION_PROMPT_SPANS
+    }
 
 
 def _queries(
@@ -511,8 +575,10 @@ def run_study(
                     fingerprint,
                     options,
                 )
+        both = [facts[i] for i in knowledge.known_both]
+        with _timed(timings, "trace_relation_prompts"):
+            relation_prompts = _relation_prompts(model, both, config, units, fingerprint, options)
         with _timed(timings, "queries"):
-            both = [facts[i] for i in knowledge.known_both]
             queries = _queries(model, both, config, units, fingerprint)
         editing = None
         if edit:
@@ -545,6 +611,7 @@ def run_study(
             knowledge=knowledge,
             entity=entity,
             relation=relation,
+            relation_prompts=relation_prompts,
             editing=editing,
             queries=queries,
             about=about,
