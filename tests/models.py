@@ -193,10 +193,11 @@ def save_tiny_checkpoint(directory: Any, *, tokenizer: bool = True, seed: int = 
 # One tiny random model per supported architecture (3 layers, width 32), from its config.
 
 
-def _llama():
-    """Rotary embeddings, RMSNorm, gated MLP, grouped-query attention (4 query / 2 kv heads)."""
-    torch.manual_seed(1)
-    config = LlamaConfig(
+def _gated(config_class: Any, model_class: Any, seed: int, **extra: Any) -> Any:
+    """A Llama-family model: rotary embeddings, RMSNorm, gated MLP, grouped-query attention (4
+    query / 2 kv heads)."""
+    torch.manual_seed(seed)
+    config = config_class(
         vocab_size=len(word_tokenizer()),
         hidden_size=32,
         intermediate_size=64,
@@ -209,9 +210,19 @@ def _llama():
         pad_token_id=0,
         initializer_range=0.2,
         tie_word_embeddings=False,
+        **extra,
     )
     config._attn_implementation = "eager"
-    return LlamaForCausalLM(config).eval()
+    return model_class(config).eval()
+
+
+def _llama():
+    return _gated(LlamaConfig, LlamaForCausalLM, seed=1)
+
+
+def _qwen2():
+    """Llama's layout with q/k/v biases."""
+    return _gated(Qwen2Config, Qwen2ForCausalLM, seed=5, use_sliding_window=False)
 
 
 def _neox():
@@ -250,28 +261,6 @@ def _gptj():
     )
     config._attn_implementation = "eager"
     return GPTJForCausalLM(config).eval()
-
-
-def _qwen2():
-    """Rotary embeddings, RMSNorm, gated MLP, grouped-query attention with q/k/v biases."""
-    torch.manual_seed(5)
-    config = Qwen2Config(
-        vocab_size=len(word_tokenizer()),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        use_sliding_window=False,
-    )
-    config._attn_implementation = "eager"
-    return Qwen2ForCausalLM(config).eval()
 
 
 ARCHITECTURES = {
