@@ -21,6 +21,7 @@ out = Path(tempfile.mkdtemp(prefix="kloc-study-"))
 # read over the world's biographies (its training text)
 config = StudyConfig(
     n_trace=4,
+    n_trace_relation_prompts=4,
     n_edit=1,
     n_layer_sweep=0,
     samples=5,

@@ -21,6 +21,7 @@ kloc_lens.errors.HookNotFiredError: hook 'blocks.0.attn.hook_result' did not run
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from kloc_lens.errors import HookNotFiredError
@@ -44,6 +45,11 @@ def not_fired_message(names: Sequence[str], during: str) -> str:
     )
 
 
+def _tracked(flags: list[bool], index: int, fn: HookFn, activation: Any, hook: Any) -> Any:
+    flags[index] = True
+    return fn(activation, hook)
+
+
 class Fired:
     """Flags of the hooks one forward pass must run."""
 
@@ -63,12 +69,9 @@ class Fired:
         index = len(flags)
         self._names.append(name)
         flags.append(False)
-
-        def tracked(activation: Any, hook: Any) -> Any:
-            flags[index] = True
-            return fn(activation, hook)
-
-        return tracked
+        # a partial of a module-level function, not a closure: a closure would be built anew
+        # (and, under the tests' runtime type checks, wrapped anew) for every hook of every pass
+        return partial(_tracked, flags, index, fn)
 
     def missing(self) -> list[str]:
         """Names of the tracked hooks that have not run (each name once)."""

@@ -22,6 +22,7 @@ def study():
     facts = random.Random(11).sample(list(world.facts), N_FACTS)
     config = StudyConfig(
         n_trace=N_FACTS,
+        n_trace_relation_prompts=0,
         n_edit=0,
         n_queries=0,
         samples=10,
@@ -71,7 +72,9 @@ def test_the_main_jobs_sample_meets_the_bars_it_reaches():
     model reaches; the two it does not (90% of facts at half their effect: 83%; severing the MLPs
     removes 30%: 25%) are held at their floors above and reported in docs/factworld.md."""
     model, world = load_factworld()
-    config = StudyConfig(n_edit=0, n_queries=0, none_target=NONE_ANSWER, n_bootstrap=200)
+    config = StudyConfig(
+        n_trace_relation_prompts=0, n_edit=0, n_queries=0, none_target=NONE_ANSWER, n_bootstrap=200
+    )
     result = run_study(model, list(world.facts), config, progress=False, edit=False)
     entity = result.entity
     assert entity.n_facts >= 0.9 * config.n_trace

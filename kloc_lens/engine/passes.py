@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -74,17 +75,14 @@ def patch_hook(mask: Bool[Tensor, "group pos head"], source: Tensor, site: Site)
 
     The activation the hook sees holds ``group`` consecutive copies of the rows.
     """
-    view = mask_view(mask, site, source.shape)
-    src = source[None]
-    groups = mask.shape[0]
+    return partial(_patch_groups, mask_view(mask, site, source.shape), source[None])
 
-    def hook_fn(act: Tensor, hook: Any) -> Tensor:
-        shape = act.shape
-        grouped = act.reshape(groups, shape[0] // groups, *shape[1:])
-        patched = torch.where(view, src.to(act.dtype), grouped)
-        return patched.reshape(shape)
 
-    return hook_fn
+def _patch_groups(view: Tensor, src: Tensor, act: Tensor, hook: Any) -> Tensor:
+    shape = act.shape
+    grouped = act.reshape(view.shape[0], shape[0] // view.shape[0], *shape[1:])
+    patched = torch.where(view, src.to(act.dtype), grouped)
+    return patched.reshape(shape)
 
 
 def _plain_hooks(

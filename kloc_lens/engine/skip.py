@@ -15,6 +15,7 @@ A configuration that changes nothing at all scores the base run's score.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Bool
@@ -138,6 +139,7 @@ def start_of(
     changed: dict[str, Tensor],
     reads: Tensor | None,
     n_layers: int,
+    fires: Sequence[tuple[str, int] | None] | None = None,
 ) -> tuple[int, int] | None:
     """First (layer, position) at which ``config`` changes the ``base`` run; ``None`` if never.
 
@@ -148,15 +150,17 @@ def start_of(
         reads: The positions the metric reads (the logits there are always recomputed), or
             ``None`` when it reads every position.
         n_layers: The model's layers.
+        fires: :func:`fire_point` of each patch of ``config``, if the caller has them already.
     """
+    if fires is None:
+        fires = [fire_point(p, n_layers) for p in config]
     layer, pos = None, None
-    for patch in config:
+    for patch, fire in zip(config, fires, strict=True):
         if patch.source is base:
             continue  # the base run's own activation: a change only after an earlier one
         first = first_change(patch, changed[patch.hook])
         if first is None:
             continue
-        fire = fire_point(patch, n_layers)
         fire_layer = fire[1] if fire is not None else 0
         layer = fire_layer if layer is None else min(layer, fire_layer)
         pos = first if pos is None else min(pos, first)

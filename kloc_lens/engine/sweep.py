@@ -23,7 +23,7 @@ from kloc_lens.engine.cache import EMBED_HOOK, Cached, at_reads, whole
 from kloc_lens.engine.passes import run_plain
 from kloc_lens.engine.plan import Planned
 from kloc_lens.engine.runner import BlockRunner
-from kloc_lens.engine.skip import axis_sizes, fire_point, fire_points, start_of
+from kloc_lens.engine.skip import axis_sizes, fire_point, start_of
 from kloc_lens.engine.types import (
     Config,
     ExecutionOptions,
@@ -154,6 +154,8 @@ class _Sweep:
         self.device = device
         self.n_layers = int(model.cfg.n_layers)
         self.n_pos = int(runs[base].tokens.shape[1])
+        # each patch's fire point, once (read by the cache runs, the plan and the skip rules)
+        self.fires = [[fire_point(p, self.n_layers) for p in c] for c in configs]
 
     def _cached_runs(
         self, driver: BlockDriver | None, compare: bool, reads: Tensor | None
@@ -172,10 +174,9 @@ class _Sweep:
             # the residual stream entering each block a configuration may start at
             starts = {
                 point[1]
-                for config in self.configs
-                for patch in config
-                if patch.source is not self.base
-                and (point := fire_point(patch, self.n_layers)) is not None
+                for config, fires in zip(self.configs, self.fires, strict=True)
+                for patch, point in zip(config, fires, strict=True)
+                if patch.source is not self.base and point is not None
             }
             base_hooks |= {f"blocks.{layer}.hook_resid_pre" for layer in starts}
         comparisons = {}
@@ -205,9 +206,7 @@ class _Sweep:
         driver, fallback = (None, "shortcuts=False")
         if shortcuts:
             driver, fallback = BlockDriver.for_model(self.model)
-            fast_hooks = [
-                all(fire_point(p, self.n_layers) is not None for p in c) for c in self.configs
-            ]
+            fast_hooks = [all(point is not None for point in fires) for fires in self.fires]
             if driver is not None and not any(fast_hooks):
                 driver, fallback = (
                     None,
@@ -227,13 +226,15 @@ class _Sweep:
         unchanged = 0
         plain: list[int] = []
         planned: list[Planned] = []
+        sizes: dict[tuple[Source, str], tuple[int, int]] = {}
         for index, config in enumerate(self.configs):
-            self._check_ranges(config, caches)
+            self._check_ranges(config, caches, sizes)
             if not shortcuts:
                 plain.append(index)
                 continue
-            start = start_of(config, self.base, base.changed, reads, self.n_layers)
-            fire = fire_points(config, self.n_layers)
+            fires = self.fires[index]
+            start = start_of(config, self.base, base.changed, reads, self.n_layers, fires)
+            fire = None if any(f is None for f in fires) else [f for f in fires if f is not None]
             if start is None:
                 values[index] = torch.tensor(
                     scores[self.base], dtype=torch.float32, device=self.device
@@ -329,9 +330,19 @@ class _Sweep:
         self._check_finite(result)
         return ExecutionResult(result, scores[Source.CLEAN], scores[Source.CORRUPTED], stats)
 
-    def _check_ranges(self, config: Config, caches: dict[Source, dict[str, Tensor]]) -> None:
+    def _check_ranges(
+        self,
+        config: Config,
+        caches: dict[Source, dict[str, Tensor]],
+        sizes: dict[tuple[Source, str], tuple[int, int]],
+    ) -> None:
+        """Refuse a patch position or head outside its activation (``sizes`` memoises the
+        activations' (positions, heads) over the configurations)."""
         for patch in config:
-            n_pos, n_head = axis_sizes(patch.site, caches[patch.source][patch.hook])
+            key = (patch.source, patch.hook)
+            if key not in sizes:
+                sizes[key] = axis_sizes(patch.site, caches[patch.source][patch.hook])
+            n_pos, n_head = sizes[key]
             if patch.position is not None and not 0 <= patch.position < n_pos:
                 raise SweepError(
                     f"position {patch.position} of the patch at {patch.hook!r} is outside its "

@@ -73,11 +73,11 @@ class Patch:
     position: int | None
     head: int | None
     source: Source
+    hook: str = field(init=False, repr=False, compare=False)
+    """The hook name (computed once: sweeps read it for every patch many times)."""
 
-    @property
-    def hook(self) -> str:
-        """The hook name."""
-        return self.site.hook_name(self.layer)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hook", self.site.hook_name(self.layer))
 
 
 Config = Sequence[Patch]
