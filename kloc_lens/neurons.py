@@ -52,6 +52,7 @@ import contextlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from kloc_lens.engine.adapter import BlockDriver, capture_block_inputs
 from kloc_lens.errors import KlocLensError, SpanError
 from kloc_lens.facts import (
     Fact,
@@ -510,27 +512,40 @@ def knowledge_neurons(
         if not 0 <= at < len(item):
             raise NeuronError(f"position {position} is outside prompt {item.text!r}")
         places.append(at)
-    # prompts share batched passes of at most _ROWS rows (one prompt's rows at least)
+    # Prompts of one length share batched passes of at most _ROWS rows (one prompt's rows at
+    # least): without padding, each layer's rows can start at that layer (see _integrate).
     per_prompt = len(hooks) * (steps + 1)
     group = max(1, _ROWS // per_prompt)
-    scores, probs, baselines = [], [], []
-    for start in range(0, len(items), group):
-        chunk = slice(start, start + group)
+    chunks: list[list[int]] = []
+    for index in sorted(range(len(items)), key=lambda i: len(items[i])):
+        last = chunks[-1] if chunks else None
+        if last and len(last) < group and len(items[last[0]]) == len(items[index]):
+            last.append(index)
+        else:
+            chunks.append([index])
+    found: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+    for chunk in chunks:
         score, prob, baseline = _integrate(
-            model, items[chunk], places[chunk], target_ids[chunk], hooks, steps
+            model,
+            [items[i] for i in chunk],
+            [places[i] for i in chunk],
+            [target_ids[i] for i in chunk],
+            hooks,
+            layer_ids,
+            steps,
         )
-        scores.append(score)
-        probs.append(prob)
-        baselines.append(baseline)
+        for row, index in enumerate(chunk):
+            found[index] = (score[row], prob[row], baseline[row])
+    ordered = [found[i] for i in range(len(items))]
     return NeuronAttribution(
-        scores=torch.cat(scores),
+        scores=torch.stack([score for score, _, _ in ordered]),
         layers=layer_ids,
         prompts=tuple(item.text for item in items),
         target=target_text,
         target_ids=target_ids,
         steps=steps,
-        probs=torch.cat(probs),
-        baseline_probs=torch.cat(baselines),
+        probs=torch.stack([prob for _, prob, _ in ordered]),
+        baseline_probs=torch.stack([baseline for _, _, baseline in ordered]),
         model=model_identity(model),
         position=position,
     )
@@ -546,6 +561,7 @@ def _integrate(
     places: Sequence[int],
     target_ids: Sequence[int],
     hooks: list[str],
+    layer_ids: Sequence[int],
     steps: int,
 ) -> tuple[NeuronScores, Float[Tensor, " prompt"], Float[Tensor, "prompt layer"]]:
     """Attributions of every hooked layer for a few prompts, their p(target) and each layer's
@@ -554,7 +570,11 @@ def _integrate(
     One batch holds, for each prompt and layer, ``steps`` midpoint rows and the zero baseline's
     row; in the rows of (prompt, layer) that layer's activations at the prompt's attributed
     position are ``alpha`` times their clean value, a leaf whose gradient the one backward pass
-    returns. Prompts are padded on the right, which leaves their real positions unchanged."""
+    returns. Below that layer those rows equal the clean run, so where the engine drives the
+    model's blocks (prompts of one length) each layer's rows join the batch at their own layer,
+    from the clean residual stream: the blocks below are neither run nor differentiated for them
+    (about half the work of running every row through every block). Elsewhere every row runs the
+    whole model."""
     device = device_of(model)
     batch = tokenize_batch(model, list(items))
     tokens = batch.tokens.to(device)
@@ -564,50 +584,112 @@ def _integrate(
     target = torch.tensor(list(target_ids), device=device)
     prompt_rows = torch.arange(n_prompts, device=device)
     clean: dict[str, Tensor] = {}
-
-    def keep(name: str) -> Any:
-        def fn(activation: Tensor, hook: Any) -> None:
-            clean[name] = activation[prompt_rows, at].detach()  # [prompt, neuron]
-
-        return fn
-
-    with torch.no_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(h, keep(h)) for h in hooks])
+    resid: dict[int, Tensor] = {}
+    if len({len(item) for item in items}) != 1:
+        raise NeuronError("one batch of integrated gradients takes prompts of one length")
+    ascending = list(layer_ids) == sorted(set(layer_ids))
+    driver = BlockDriver.for_model(model)[0] if ascending else None
+    keep = [(h, partial(_keep_at, clean, h, prompt_rows, at)) for h in hooks]
+    if driver is not None:
+        keep += [
+            (f"blocks.{layer}.hook_resid_pre", partial(_keep, resid, layer)) for layer in layer_ids
+        ]
+    with torch.no_grad(), capture_block_inputs(model) as block_inputs:
+        logits = model.run_with_hooks(tokens, fwd_hooks=keep)
+    if driver is not None and driver.prepare(block_inputs) is not None:
+        driver = None
     dtype = torch.promote_types(logits.dtype, torch.float32)
     probs = torch.softmax(logits[prompt_rows, read].to(dtype), -1)[prompt_rows, target]
 
     alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
     alphas = torch.cat([alphas, torch.zeros(1, dtype=torch.float64)])  # last row: the baseline
     per_layer = steps + 1
-    # row (p, l, k) = p * n_layers * per_layer + l * per_layer + k
-    rows = torch.arange(n_prompts * n_layers * per_layer, device=device)
-    row_prompt = rows // (n_layers * per_layer)
-    row_layer = (rows // per_layer) % n_layers
+    # row (l, p, k) = l * n_prompts * per_layer + p * per_layer + k: a layer's rows together
+    rows = torch.arange(n_layers * n_prompts * per_layer, device=device)
+    row_layer = rows // (n_prompts * per_layer)
+    row_prompt = (rows // per_layer) % n_prompts
     leaves: dict[str, Tensor] = {}
-
-    def scaled(name: str, layer: int) -> Any:
-        mine = rows[row_layer == layer]  # ordered by prompt, then step
-
-        def fn(activation: Tensor, hook: Any) -> Tensor:
-            alpha = alphas.to(device=activation.device, dtype=activation.dtype)
-            leaf = alpha[None, :, None] * clean[name][:, None, :]  # [prompt, step, neuron]
-            leaf = leaf.detach().requires_grad_(True)
-            leaves[name] = leaf
-            out = activation.clone()
-            out[mine, at[row_prompt[mine]]] = leaf.reshape(-1, leaf.shape[-1])
-            return out
-
-        return fn
-
-    with torch.enable_grad():
-        logits = model.run_with_hooks(
-            tokens[row_prompt], fwd_hooks=[(h, scaled(h, g)) for g, h in enumerate(hooks)]
+    scaled = [
+        (
+            h,
+            partial(
+                _scaled,
+                leaves,
+                h,
+                clean[h],
+                alphas,
+                rows[row_layer == g],
+                at[row_prompt[row_layer == g]],
+            ),
         )
+        for g, h in enumerate(hooks)
+    ]
+    with torch.enable_grad():
+        if driver is None:
+            logits = model.run_with_hooks(tokens[row_prompt], fwd_hooks=scaled)
+        else:
+            logits = _from_each_layer(
+                model, driver, resid, layer_ids, row_prompt, row_layer, scaled
+            )
         last = logits[rows, read[row_prompt]].to(dtype)
         p = torch.softmax(last, -1)[rows, target[row_prompt]]
         grads = torch.autograd.grad(p.sum(), [leaves[h] for h in hooks])
-    p = p.detach().reshape(n_prompts, n_layers, per_layer)
+    p = p.detach().reshape(n_layers, n_prompts, per_layer).transpose(0, 1)
     score = torch.stack(
         [clean[h] * g[:, :steps].mean(1) for h, g in zip(hooks, grads, strict=True)], dim=1
     )  # [prompt, layer, neuron]
     return score.detach().to(dtype), probs.detach(), p[:, :, -1]
+
+
+def _keep_at(
+    store: dict[str, Tensor], name: str, rows: Tensor, at: Tensor, activation: Tensor, hook: Any
+) -> None:
+    store[name] = activation[rows, at].detach()  # [prompt, neuron]
+
+
+def _keep(store: dict[int, Tensor], layer: int, activation: Tensor, hook: Any) -> None:
+    store[layer] = activation.detach()
+
+
+def _scaled(
+    leaves: dict[str, Tensor],
+    name: str,
+    clean: Tensor,
+    alphas: Tensor,
+    mine: Tensor,
+    at: Tensor,
+    activation: Tensor,
+    hook: Any,
+) -> Tensor:
+    """Put ``alpha * clean`` (a new leaf ``[prompt, step, neuron]``) at each of ``mine``'s rows'
+    positions; ``mine`` and ``at`` index the rows of the activation the hook sees."""
+    alpha = alphas.to(device=activation.device, dtype=activation.dtype)
+    leaf = (alpha[None, :, None] * clean[:, None, :]).detach().requires_grad_(True)
+    leaves[name] = leaf
+    out = activation.clone()
+    out[mine, at] = leaf.reshape(-1, leaf.shape[-1])
+    return out
+
+
+def _from_each_layer(
+    model: Any,
+    driver: BlockDriver,
+    resid: dict[int, Tensor],
+    layer_ids: Sequence[int],
+    row_prompt: Tensor,
+    row_layer: Tensor,
+    scaled: list[tuple[str, Any]],
+) -> Tensor:
+    """Logits of every row, each layer's rows joining the batch at their layer from the clean
+    residual stream (the rows are ordered by layer, so the batch grows at its end)."""
+
+    def joining(g: int) -> Tensor:
+        return resid[layer_ids[g]][row_prompt[row_layer == g]]
+
+    hidden = joining(0)
+    with model.hooks(fwd_hooks=scaled):
+        for layer in range(layer_ids[0], int(model.cfg.n_layers)):
+            if layer != layer_ids[0] and layer in layer_ids:
+                hidden = torch.cat([hidden, joining(layer_ids.index(layer))])
+            hidden = driver.block(layer, hidden, 0, driver.new_kv(None, hidden))
+    return driver.final(hidden)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -202,3 +207,59 @@ def test_counts_of_the_wrong_type(tiny, unchecked):
 
     with pytest.raises(EditError, match="n_texts must be an integer >= 1, got 8.0"):
         planted_corpus(planted_facts(), n_texts=8.0)  # type: ignore[arg-type]
+
+
+_RANK_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from kloc_lens.edit import planted_corpus, second_moment
+from kloc_lens.planted import planted_model
+
+out = Path(sys.argv[1])
+dist.init_process_group("gloo")
+model, planted = planted_model()
+rows = []
+run = model.run_with_hooks
+def counted(tokens, **kwargs):
+    rows.append(int(tokens.shape[0]))
+    return run(tokens, **kwargs)
+model.run_with_hooks = counted
+texts = planted_corpus(planted)
+stats = second_moment(
+    model, planted.mlp_layer, texts, cache_dir=out / "cache", batch_size=4, progress=False,
+    distributed=True,
+)
+rank = dist.get_rank()
+stats.save(out / f"rank{rank}.safetensors")
+(out / f"rank{rank}.json").write_text(json.dumps({"rows": sum(rows), "texts": len(texts)}))
+dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_share_the_corpus_and_sum_to_one_process(planted, tmp_path):
+    """Under torchrun each rank reads half of the batches; the all-reduced statistics are one
+    process's (up to the order of float64 additions), on both ranks; rank 0 alone caches them."""
+    model, facts = planted
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANK_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", str(script), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    texts = planted_corpus(facts)
+    alone = second_moment(model, facts.mlp_layer, texts, batch_size=4, progress=False)
+    ranks = [load_second_moment(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    read = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert read[0]["texts"] == len(texts)
+    # every text read once, split between the ranks (batches of 4 dealt in turn)
+    assert read[0]["rows"] + read[1]["rows"] == len(texts)
+    assert abs(read[0]["rows"] - read[1]["rows"]) <= 4
+    assert torch.equal(ranks[0].matrix, ranks[1].matrix)
+    assert ranks[0].count == ranks[1].count == alone.count
+    torch.testing.assert_close(ranks[0].matrix, alone.matrix, rtol=1e-6, atol=1e-9)
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 1
+    assert not list((tmp_path / "cache").rglob("*.part"))

@@ -12,6 +12,7 @@ from models import as_substrate, word_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import kloc_lens as kl
+import kloc_lens.neurons as neurons
 from kloc_lens.neurons import (
     KnowledgeNeurons,
     NeuronAttribution,
@@ -59,12 +60,26 @@ def _zero_at(layer, position):
     return (f"blocks.{layer}.mlp.hook_post", hook)
 
 
-def test_integrated_gradients_equal_a_loop_of_single_steps(float64):
-    """The batched computation against one forward and one backward per step and layer."""
+@pytest.mark.parametrize("from_each_layer", [True, False])
+def test_integrated_gradients_equal_a_loop_of_single_steps(float64, monkeypatch, from_each_layer):
+    """The batched computation against one forward and one backward per step and layer: with
+    each layer's rows starting at their layer (the engine drives the blocks), and with every
+    row running the whole model (as for a model the engine cannot drive)."""
     model = float64
     target = "French"
-    texts = [*TEXTS, "The capital of Germany is"]  # of another length: a padded batch
+    texts = [*TEXTS, "The capital of Germany is"]  # of another length
+    started = []
+    real = neurons._from_each_layer
+
+    def spy(*args, **kwargs):
+        started.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(neurons, "_from_each_layer", spy)
+    if not from_each_layer:
+        monkeypatch.setattr(neurons.BlockDriver, "for_model", lambda model: (None, "off"))
     found = knowledge_neurons(model, texts, target, steps=7)
+    assert bool(started) is from_each_layer
     for p, text in enumerate(texts):
         tokens = model.to_tokens(text)
         target_id = kl.target_token_ids(model, text, target)[0]

@@ -31,7 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +158,14 @@ class SecondMoment:
             "corpus": self.corpus,
         }
         meta = {"format": tag(_FORMAT, _VERSION), "labels": json.dumps(labels)}
-        save_file({"matrix": self.matrix.detach().cpu().contiguous()}, str(path), metadata=meta)
+        # written beside its name, then renamed: a killed run leaves no half-written cache file
+        fd, part = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        os.close(fd)
+        try:
+            save_file({"matrix": self.matrix.detach().cpu().contiguous()}, part, metadata=meta)
+            os.replace(part, path)
+        finally:
+            Path(part).unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -295,8 +304,16 @@ def second_moment(
     include_bos: bool = False,
     batch_size: int = 16,
     progress: bool = True,
+    distributed: bool = False,
 ) -> SecondMoment:
     """Estimate ``E[k k^T]`` of a projection's keys over a corpus.
+
+    The sum of ``k k^T`` is streamed in float64, one batch at a time (the keys of one batch are
+    the most ever held). With ``distributed=True``, under an initialised ``torch.distributed``
+    process group, rank ``r`` of ``w`` reads every ``w``-th batch from the ``r``-th, the sums and
+    counts are all-reduced, and rank 0 alone writes the cache; every rank must then call it with
+    the same arguments, like any collective. The result differs from one process's by the order
+    of float64 additions only.
 
     Args:
         model: The hooked model.
@@ -312,6 +329,8 @@ def second_moment(
         include_bos: Also count the BOS position's key (an outlier in many models).
         batch_size: Texts per forward.
         progress: Show a progress bar.
+        distributed: Share the corpus over the ranks of the initialised process group (one
+            process: ignored).
 
     Returns:
         The statistics.
@@ -336,6 +355,7 @@ def second_moment(
     else:
         corpus_key = corpus_id
     settings = f"L{layer}-{projection.value}-n{length}-bos{int(include_bos)}"
+    rank, world = _ranks(distributed)
     path = None
     if cache_dir is not None:
         key = hashlib.blake2b(f"{settings}|{corpus_key}".encode(), digest_size=8).hexdigest()
@@ -356,10 +376,12 @@ def second_moment(
         n_texts = len(corpus)
     bar = tqdm(total=n_texts, desc=f"key statistics L{layer}", disable=not progress, leave=False)
     with torch.no_grad():
-        for batch in _batches(texts, batch_size):
+        for index, batch in enumerate(_batches(texts, batch_size)):
+            bar.update(len(batch))
+            if index % world != rank:
+                continue  # another rank's batch
             ids = [encode(model, text)[:length] for text in batch]
             ids = [row for row in ids if len(row) > (0 if include_bos or bos is None else 1)]
-            bar.update(len(batch))
             if not ids:
                 continue
             rows = pad_rows(model, ids)
@@ -380,6 +402,11 @@ def second_moment(
             total += keys.T @ keys
             count += int(keys.shape[0])
     bar.close()
+    if world > 1:
+        counted = torch.tensor([count], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(counted)
+        count = int(counted.item())
     if count == 0:
         raise EditError("the corpus holds no tokens to compute key statistics from")
     stats = SecondMoment(
@@ -391,7 +418,15 @@ def second_moment(
         projection=projection,
         corpus=corpus_key,
     )
-    if path is not None:
+    if path is not None and rank == 0:
         stats.save(path)
         logger.info("wrote key statistics to %s", path)
     return stats
+
+
+def _ranks(distributed: bool) -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, or one process's (0, 1)."""
+    dist = torch.distributed
+    if distributed and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

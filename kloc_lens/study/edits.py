@@ -149,7 +149,16 @@ def edit_phase(
 
     def editor(layer: int) -> Any:
         if layer not in editors:
-            stats = second_moment(model, layer, corpus, cache_dir=stats_dir, progress=progress)
+            # every rank asks for the same layers in the same order (the unit keys below), so
+            # the ranks share the corpus and all-reduce the sums
+            stats = second_moment(
+                model,
+                layer,
+                corpus,
+                cache_dir=stats_dir,
+                progress=progress,
+                distributed=units.shard.world > 1,
+            )
             editors[layer] = (RomeEditor(layer=layer, stats=stats, **overrides), stats)
         return editors[layer]
 
