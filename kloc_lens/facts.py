@@ -26,6 +26,7 @@ from __future__ import annotations
 import operator
 import re
 import string
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -534,7 +535,7 @@ def tokenize(model: Any, prompt: Prompt | str, **parts: str) -> TokenizedPrompt:
     }
     spans["last"] = TokenSpan(len(ids) - 1, len(ids))
     _check_ids(model, ids, prompt, spans)
-    str_tokens = tuple(model.tokenizer.decode([i]) for i in ids)
+    str_tokens = _str_tokens(model.tokenizer, ids)
     return TokenizedPrompt(
         prompt=prompt,
         tokens=torch.tensor(ids, dtype=torch.long),
@@ -542,6 +543,22 @@ def tokenize(model: Any, prompt: Prompt | str, **parts: str) -> TokenizedPrompt:
         offsets=tuple(offsets),
         spans=spans,
     )
+
+
+_DECODED: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
+def _str_tokens(tokenizer: Any, ids: Sequence[int]) -> tuple[str, ...]:
+    """Each id decoded alone, remembered per tokenizer (one token's text needs no context, and
+    studies tokenize the same few thousand ids hundreds of thousands of times)."""
+    try:
+        known = _DECODED.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: decode every time
+        return tuple(tokenizer.decode([i]) for i in ids)
+    for i in ids:
+        if i not in known:
+            known[i] = tokenizer.decode([i])
+    return tuple(known[i] for i in ids)
 
 
 def target_token_ids(model: Any, prompt: Prompt | str, target: str | None = None) -> list[int]:

@@ -238,3 +238,41 @@ def test_fit_values_equals_fitting_each_problem_alone(planted, unchecked):
         torch.testing.assert_close(edit.direction, single.direction, atol=1e-6, rtol=1e-6)
     with pytest.raises(EditError, match="not an EditRequest"):
         editor.compute_each(model, [requests[0], "Ana Bel"])  # type: ignore[list-item]
+
+
+def test_steps_run_from_the_edited_block_and_equal_the_whole_forward(planted, monkeypatch):
+    """After the first pass the fit runs only the blocks from the edited one (the residual
+    stream entering it never changes); the fits equal those of whole forward passes."""
+    import kloc_lens.edit.value as value
+    from kloc_lens.edit.value import FitProblem, fit_values
+
+    model, facts = planted
+    requests = [
+        EditRequest(Fact(subject, "home", obj), target, perspective=perspective, none_target="a")
+        for (subject, obj), target in zip(facts.pairs(), facts.spare_objects, strict=False)
+        for perspective in ("entity", "relation")
+    ]
+    problems = [FitProblem(tuple(r.objectives()), kl_prompts(r)) for r in requests]
+    hook = f"blocks.{facts.mlp_layer}.hook_mlp_out"
+    assert facts.mlp_layer > 0  # blocks below it to skip
+    spec = ValueSpec(stop_loss=1.0, steps=8)
+    calls = []
+    real = value._from_block
+
+    def spy(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(value, "_from_block", spy)
+    from_block = fit_values(model, problems, hook_name=hook, spec=spec)
+    assert calls and set(calls) == {facts.mlp_layer}
+    n_calls = len(calls)
+    monkeypatch.setattr(value.BlockDriver, "for_model", lambda model: (None, "off"))
+    whole = fit_values(model, problems, hook_name=hook, spec=spec)
+    assert len(calls) == n_calls  # the reference ran whole forward passes
+    for mine, reference in zip(from_block, whole, strict=True):
+        assert mine.updates == reference.updates
+        torch.testing.assert_close(mine.delta, reference.delta, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(mine.losses), torch.tensor(reference.losses), atol=1e-6, rtol=1e-6
+        )

@@ -65,7 +65,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kloc_lens.edit._errors import EditError, choice
+from kloc_lens.edit._errors import EditError, choice, integer
 from kloc_lens.edit._tokens import encode, pad_rows, target_ids
 from kloc_lens.edit.apply import Edit, edit_hooks, row_edit_hooks, row_forward
 from kloc_lens.edit.generate import generate_greedy, generates
@@ -765,9 +765,14 @@ def evaluate_editor(
     editor: Editor,
     *,
     progress: bool = True,
+    batch_size: int = 8,
 ) -> EditEvaluation:
     """Edit each request on its own (the CounterFact protocol) and score it on both
     perspectives.
+
+    An editor with ``compute_each`` (:class:`RomeEditor`) computes ``batch_size`` one-fact edits
+    at a time (each the edit ``compute`` gives for its request alone), scored together by
+    :func:`evaluate_edits`; any other editor edits and is scored one request at a time.
 
     Args:
         model: The hooked model (it is not changed).
@@ -775,12 +780,21 @@ def evaluate_editor(
         editor: A :class:`RomeEditor`, :class:`MemitEditor` or anything with ``name`` and
             ``compute(model, request)``.
         progress: Show a progress bar.
+        batch_size: Requests edited and scored together (one-fact edits all the same).
 
     Returns:
         The evaluation.
     """
+    integer(batch_size, "batch_size", minimum=1)
+    requests = list(requests)
+    each = getattr(editor, "compute_each", None)
+    size = batch_size if callable(each) else 1
     facts = []
-    for request in tqdm(list(requests), desc=editor.name, disable=not progress, leave=False):
-        edit = editor.compute(model, request)
-        facts.extend(evaluate_edit(model, edit, request).facts)
+    bar = tqdm(total=len(requests), desc=editor.name, disable=not progress, leave=False)
+    for start in range(0, len(requests), size):
+        chunk = requests[start : start + size]
+        edits = each(model, chunk) if callable(each) else [editor.compute(model, chunk[0])]
+        facts.extend(evaluate_edits(model, edits, chunk, editor=editor.name).facts)
+        bar.update(len(chunk))
+    bar.close()
     return EditEvaluation(tuple(facts), editor.name, model_identity(model))

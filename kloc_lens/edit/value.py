@@ -43,8 +43,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -55,6 +57,7 @@ from kloc_lens.edit._errors import EditError, choice
 from kloc_lens.edit._tokens import device_of, pad_rows, target_ids
 from kloc_lens.edit.keys import KeyToken, key_position, with_context
 from kloc_lens.edit.request import EditRequest, Objective
+from kloc_lens.engine.adapter import BlockDriver, capture_block_inputs
 from kloc_lens.facts import Prompt, check_template, format_template, tokenize
 
 __all__ = [
@@ -507,13 +510,20 @@ def fit_values(
     stopped = [False] * n_problems
     updates = [0] * n_problems
     kl_init: Tensor | None = None
+    # Below the block of the hook the rows never change: after the first pass (which reads the
+    # residual stream entering that block) the steps run from that block on, where the engine
+    # drives the model's blocks, at the first pass's width.
+    start = _first_block(model, hook_name)
+    entering: dict[int, Tensor] = {}
+    driver: BlockDriver | None = None
     with frozen(model):
         for step in range(spec.steps + 1):
             # Only the sequences of problems still fitting run (a stopped one keeps its change).
             seqs = active[seq_problem].nonzero()[:, 0]
             remap = torch.full((n_sequences,), -1, dtype=torch.long, device=device)
             remap[seqs] = torch.arange(len(seqs), device=device)
-            tokens = batch.tokens[seqs, : int(lengths[seqs].max())]
+            width = int(batch.tokens.shape[1] if driver is not None else lengths[seqs].max())
+            tokens = batch.tokens[seqs, :width]
             mask = key_mask[seqs, : tokens.shape[1], None]
             owners = seq_problem[seqs]
 
@@ -527,7 +537,19 @@ def fit_values(
                 change = mask * delta[owners][:, None, :]  # noqa: B023 (used in this step)
                 return activation + change.to(activation.dtype)
 
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, add_delta)])
+            if driver is not None and start is not None:
+                hidden = entering[start][seqs]
+                logits = _from_block(model, driver, start, hidden, hook_name, add_delta)
+            elif start is not None and step == 0:
+                resid = f"blocks.{start}.hook_resid_pre"
+                hooks = [(hook_name, add_delta), (resid, partial(_keep, entering, start))]
+                with capture_block_inputs(model) as block_inputs:
+                    logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+                driver = BlockDriver.for_model(model)[0]
+                if driver is not None and driver.prepare(block_inputs) is not None:
+                    driver = None
+            else:
+                logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, add_delta)])
             live = active[read_problem]
             log_probs = logits[remap[read_rows[live]], read_pos[live]].float().log_softmax(-1)
             picked = log_probs.gather(-1, read_target[live].clamp(min=0)[:, None])[:, 0]
@@ -625,3 +647,34 @@ def fit_values(
             )
         )
     return fits
+
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _first_block(model: Any, hook_name: str) -> int | None:
+    """The block a hook point lies in (``None``: outside the blocks, or block 0)."""
+    match = _BLOCK.match(hook_name)
+    if match is None or int(match.group(1)) == 0:
+        return None
+    return int(match.group(1))
+
+
+def _keep(store: dict[int, Tensor], layer: int, activation: Tensor, hook: Any) -> None:
+    store[layer] = activation.detach()
+
+
+def _from_block(
+    model: Any,
+    driver: BlockDriver,
+    start: int,
+    hidden: Tensor,
+    hook_name: str,
+    hook_fn: Callable[[Tensor, Any], Tensor],
+) -> Tensor:
+    """Logits of rows whose residual stream entering block ``start`` is ``hidden``, the blocks
+    from ``start`` run with ``hook_fn`` at ``hook_name``."""
+    with model.hooks(fwd_hooks=[(hook_name, hook_fn)]):
+        for layer in range(start, int(model.cfg.n_layers)):
+            hidden = driver.block(layer, hidden, 0, driver.new_kv(None, hidden))
+    return driver.final(hidden)

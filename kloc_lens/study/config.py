@@ -77,7 +77,7 @@ class StudyConfig:
     edit_contexts: int | None = None
     none_target: str = "None"
     n_bootstrap: int = 1000
-    n_queries: int = 100
+    n_queries: int = 50
     neuron_steps: int = 20
     neuron_threshold: float = 0.2
     neuron_share: float = 0.5
