@@ -43,8 +43,8 @@ from _model import GPT2_XL, SMOKE, Shape, build_model
 from _report import machine, write_result
 
 STUDY = [
-    *("--n-trace", "40", "--n-trace-relation-prompts", "20", "--n-edit", "20"),
-    *("--n-layer-sweep", "4", "--n-queries", "10", "--n-retrace", "2", "--samples", "5"),
+    *("--n-trace", "20", "--n-trace-relation-prompts", "10", "--n-edit", "10"),
+    *("--n-layer-sweep", "2", "--n-queries", "5", "--n-retrace", "2", "--samples", "5"),
 ]
 SMOKE_STUDY = [
     *("--n-trace", "4", "--n-trace-relation-prompts", "2", "--n-edit", "2"),
@@ -53,10 +53,12 @@ SMOKE_STUDY = [
 ]
 
 
-def _study(out: Path, args: list[str], ranks: int) -> float:
-    """Wall seconds of ``kloc-lens study`` in ``ranks`` processes (1: a plain process)."""
+def _study(out: Path, args: list[str], ranks: int, threads: int | None = None) -> float:
+    """Wall seconds of ``kloc-lens study`` in ``ranks`` processes (1: a plain process), each on
+    ``threads`` threads (default: the cores shared out)."""
     cores = os.cpu_count() or 1
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks))}
+    threads = threads or max(1, cores // ranks)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "kloc_lens", "--no-progress", "study", "--out", str(out)]
     if ranks > 1:
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
@@ -141,8 +143,16 @@ def _stats(shape: str, n_texts: int, work: Path) -> list[str]:
         lines.append(
             f"{label:<40}{row['seconds']:>9.1f}{base['seconds'] / row['seconds']:>8.2f}x"
             f"{row['peak_growth_mib']:>13.0f} MiB"
-            f"{base['peak_growth_mib'] / max(row['peak_growth_mib'], 1.0):>8.2f}x"
+            + (
+                f"{base['peak_growth_mib'] / row['peak_growth_mib']:>8.2f}x"
+                if row["peak_growth_mib"] >= 1.0
+                else f"{'-':>9}"
+            )
         )
+    lines.append(
+        "peak mem growth: the process's peak resident memory after the method minus before it "
+        "(0: it stayed under the peak of building the model)"
+    )
     lines.append(f"largest |difference| of the two matrices: {gap:.2e}")
     return lines
 
@@ -164,8 +174,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kloc-scale-") as tmp:
         work = Path(tmp)
         one = _study(work / "one", study, ranks=1)
+        single = _study(work / "single", study, ranks=1, threads=1)
         two = _study(work / "two", study, ranks=2)
-        same = _numbers(work / "one") == _numbers(work / "two")
+        # float32 reductions depend on how many threads a kernel splits them over: the ranks
+        # (one thread each) must equal one process on one thread exactly
+        same = _numbers(work / "single") == _numbers(work / "two")
+        same_threads = _numbers(work / "one") == _numbers(work / "two")
         resumed = _study(work / "one", study, ranks=1)
         computed, found = _units(work / "one")
         stats = _stats("smoke" if args.smoke else "xl", n_texts, work)
@@ -183,10 +197,13 @@ def main() -> None:
         "",
         f"{'run':<52}{'wall s':>9}{'vs one process':>16}",
         f"{'one process (' + str(os.cpu_count()) + ' threads)':<52}{one:>9.1f}{1.0:>15.2f}x",
+        f"{'one process (1 thread)':<52}{single:>9.1f}{one / single:>15.2f}x",
         f"{'torchrun, 2 processes (1 thread each)':<52}{two:>9.1f}{one / two:>15.2f}x",
         f"{'resumed, every unit on disk':<52}{resumed:>9.1f}{one / resumed:>15.2f}x",
         "",
-        f"2-process results.json equal to the single process's: {same}",
+        f"2-process results.json equal to one process on 1 thread: {same}",
+        f"... and to one process on {os.cpu_count()} threads: {same_threads} (float32 reductions "
+        "split over other thread counts round differently)",
         f"resumed run: {computed} units computed, {found} found on disk",
         "",
         f"key statistics: W_out keys of layer 1 of a random {shape.name} model (d_mlp "
