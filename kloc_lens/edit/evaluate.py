@@ -787,13 +787,17 @@ def evaluate_editor(
     """
     integer(batch_size, "batch_size", minimum=1)
     requests = list(requests)
-    each = getattr(editor, "compute_each", None)
+    each: Callable[[Any, list[EditRequest]], Sequence[Edit]] | None = getattr(
+        editor, "compute_each", None
+    )
     size = batch_size if callable(each) else 1
     facts = []
     bar = tqdm(total=len(requests), desc=editor.name, disable=not progress, leave=False)
     for start in range(0, len(requests), size):
         chunk = requests[start : start + size]
-        edits = each(model, chunk) if callable(each) else [editor.compute(model, chunk[0])]
+        edits: list[Edit] = (
+            list(each(model, chunk)) if callable(each) else [editor.compute(model, chunk[0])]
+        )
         facts.extend(evaluate_edits(model, edits, chunk, editor=editor.name).facts)
         bar.update(len(chunk))
     bar.close()
