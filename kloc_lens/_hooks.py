@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from torch import Tensor
+
 from kloc_lens.errors import HookNotFiredError
 
 __all__ = ["Fired", "HookFn", "not_fired_message"]
@@ -43,6 +45,12 @@ def not_fired_message(names: Sequence[str], during: str) -> str:
         "architecture does not use, or a hook point that needs a switch such as "
         "model.set_use_attn_result(True))"
     )
+
+
+def keep_activation(store: dict[Any, Tensor], key: Any, activation: Tensor, hook: Any) -> None:
+    """A hook body (bind ``store`` and ``key`` with ``functools.partial``) that keeps a
+    detached copy of the activation under ``key``."""
+    store[key] = activation.detach()
 
 
 def _tracked(flags: list[bool], index: int, fn: HookFn, activation: Any, hook: Any) -> Any:

@@ -63,6 +63,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from kloc_lens._hooks import keep_activation
 from kloc_lens.engine.adapter import BlockDriver, capture_block_inputs
 from kloc_lens.errors import KlocLensError, SpanError
 from kloc_lens.facts import (
@@ -592,7 +593,8 @@ def _integrate(
     keep = [(h, partial(_keep_at, clean, h, prompt_rows, at)) for h in hooks]
     if driver is not None:
         keep += [
-            (f"blocks.{layer}.hook_resid_pre", partial(_keep, resid, layer)) for layer in layer_ids
+            (f"blocks.{layer}.hook_resid_pre", partial(keep_activation, resid, layer))
+            for layer in layer_ids
         ]
     with torch.no_grad(), capture_block_inputs(model) as block_inputs:
         logits = model.run_with_hooks(tokens, fwd_hooks=keep)
@@ -647,10 +649,6 @@ def _keep_at(
     store[name] = activation[rows, at].detach()  # [prompt, neuron]
 
 
-def _keep(store: dict[int, Tensor], layer: int, activation: Tensor, hook: Any) -> None:
-    store[layer] = activation.detach()
-
-
 def _scaled(
     leaves: dict[str, Tensor],
     name: str,
@@ -682,14 +680,6 @@ def _from_each_layer(
 ) -> Tensor:
     """Logits of every row, each layer's rows joining the batch at their layer from the clean
     residual stream (the rows are ordered by layer, so the batch grows at its end)."""
-
-    def joining(g: int) -> Tensor:
-        return resid[layer_ids[g]][row_prompt[row_layer == g]]
-
-    hidden = joining(0)
+    rows = {layer: resid[layer][row_prompt[row_layer == g]] for g, layer in enumerate(layer_ids)}
     with model.hooks(fwd_hooks=scaled):
-        for layer in range(layer_ids[0], int(model.cfg.n_layers)):
-            if layer != layer_ids[0] and layer in layer_ids:
-                hidden = torch.cat([hidden, joining(layer_ids.index(layer))])
-            hidden = driver.block(layer, hidden, 0, driver.new_kv(None, hidden))
-    return driver.final(hidden)
+        return driver.run_from(layer_ids[0], rows[layer_ids[0]], joining=rows)

@@ -257,13 +257,13 @@ def test_steps_run_from_the_edited_block_and_equal_the_whole_forward(planted, mo
     assert facts.mlp_layer > 0  # blocks below it to skip
     spec = ValueSpec(stop_loss=1.0, steps=8)
     calls = []
-    real = value._from_block
+    real = value.BlockDriver.run_from
 
-    def spy(*args, **kwargs):
-        calls.append(args[2])
-        return real(*args, **kwargs)
+    def spy(self, start, hidden, joining=None):
+        calls.append(start)
+        return real(self, start, hidden, joining)
 
-    monkeypatch.setattr(value, "_from_block", spy)
+    monkeypatch.setattr(value.BlockDriver, "run_from", spy)
     from_block = fit_values(model, problems, hook_name=hook, spec=spec)
     assert calls and set(calls) == {facts.mlp_layer}
     n_calls = len(calls)

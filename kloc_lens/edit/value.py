@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -53,11 +52,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from kloc_lens._hooks import keep_activation
 from kloc_lens.edit._errors import EditError, choice
 from kloc_lens.edit._tokens import device_of, pad_rows, target_ids
 from kloc_lens.edit.keys import KeyToken, key_position, with_context
 from kloc_lens.edit.request import EditRequest, Objective
 from kloc_lens.engine.adapter import BlockDriver, capture_block_inputs
+from kloc_lens.engine.skip import block_of
 from kloc_lens.facts import Prompt, check_template, format_template, tokenize
 
 __all__ = [
@@ -513,7 +514,7 @@ def fit_values(
     # Below the block of the hook the rows never change: after the first pass (which reads the
     # residual stream entering that block) the steps run from that block on, where the engine
     # drives the model's blocks, at the first pass's width.
-    start = _first_block(model, hook_name)
+    start = block_of(hook_name) or None  # block 0: nothing below it to skip
     entering: dict[int, Tensor] = {}
     driver: BlockDriver | None = None
     with frozen(model):
@@ -538,11 +539,11 @@ def fit_values(
                 return activation + change.to(activation.dtype)
 
             if driver is not None and start is not None:
-                hidden = entering[start][seqs]
-                logits = _from_block(model, driver, start, hidden, hook_name, add_delta)
+                with model.hooks(fwd_hooks=[(hook_name, add_delta)]):
+                    logits = driver.run_from(start, entering[start][seqs])
             elif start is not None and step == 0:
                 resid = f"blocks.{start}.hook_resid_pre"
-                hooks = [(hook_name, add_delta), (resid, partial(_keep, entering, start))]
+                hooks = [(hook_name, add_delta), (resid, partial(keep_activation, entering, start))]
                 with capture_block_inputs(model) as block_inputs:
                     logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
                 driver = BlockDriver.for_model(model)[0]
@@ -647,34 +648,3 @@ def fit_values(
             )
         )
     return fits
-
-
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
-
-def _first_block(model: Any, hook_name: str) -> int | None:
-    """The block a hook point lies in (``None``: outside the blocks, or block 0)."""
-    match = _BLOCK.match(hook_name)
-    if match is None or int(match.group(1)) == 0:
-        return None
-    return int(match.group(1))
-
-
-def _keep(store: dict[int, Tensor], layer: int, activation: Tensor, hook: Any) -> None:
-    store[layer] = activation.detach()
-
-
-def _from_block(
-    model: Any,
-    driver: BlockDriver,
-    start: int,
-    hidden: Tensor,
-    hook_name: str,
-    hook_fn: Callable[[Tensor, Any], Tensor],
-) -> Tensor:
-    """Logits of rows whose residual stream entering block ``start`` is ``hidden``, the blocks
-    from ``start`` run with ``hook_fn`` at ``hook_name``."""
-    with model.hooks(fwd_hooks=[(hook_name, hook_fn)]):
-        for layer in range(start, int(model.cfg.n_layers)):
-            hidden = driver.block(layer, hidden, 0, driver.new_kv(None, hidden))
-    return driver.final(hidden)

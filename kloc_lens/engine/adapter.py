@@ -359,6 +359,19 @@ class BlockDriver:
         out = self.model.blocks[layer](hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
+    def run_from(
+        self, start: int, hidden: Tensor, joining: dict[int, Tensor] | None = None
+    ) -> Tensor:
+        """Logits of rows whose residual stream entering block ``start`` is ``hidden``: every
+        block from ``start`` on, all positions, under whatever hooks the model holds; the rows
+        of ``joining[l]`` (their stream entering block ``l > start``) are appended to the batch
+        before block ``l``."""
+        for layer in range(start, self.n_layers):
+            if joining and layer in joining and layer != start:
+                hidden = torch.cat([hidden, joining[layer]])
+            hidden = self.block(layer, hidden, 0, self.new_kv(None, hidden))
+        return self.final(hidden)
+
     def final(self, hidden: Tensor) -> Tensor:
         """``ln_final`` then ``unembed``."""
         if self.bridge or getattr(self.model.cfg, "normalization_type", None) is not None:

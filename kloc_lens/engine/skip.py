@@ -27,9 +27,9 @@ from kloc_lens.sites import Site
 __all__ = [
     "SAME_RTOL",
     "axis_sizes",
+    "block_of",
     "differences",
     "fire_point",
-    "fire_points",
     "first_change",
     "position_safe",
     "start_of",
@@ -85,12 +85,10 @@ def fire_point(patch: Patch, n_layers: int) -> tuple[str, int] | None:
     return patch.hook, layer
 
 
-def fire_points(config: Config, n_layers: int) -> list[tuple[str, int]] | None:
-    """:func:`fire_point` of every patch, or ``None`` if one lies outside the blocks."""
-    points = [fire_point(p, n_layers) for p in config]
-    if any(p is None for p in points):
-        return None
-    return [p for p in points if p is not None]
+def block_of(hook_name: str) -> int | None:
+    """The block a hook point lies in (``blocks.{l}.…``), or ``None`` outside the blocks."""
+    match = _BLOCK_HOOK.match(hook_name)
+    return int(match.group(1)) if match is not None else None
 
 
 def position_safe(patch: Patch) -> bool:
